@@ -1,0 +1,31 @@
+# The README's two commands are `make quickstart` and `make test`; each does its own set-up.
+PY := .venv/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup quickstart test test-all lint typecheck bench clean-cache
+
+setup:
+	@bash scripts/setup.sh
+
+quickstart: setup   ## the main job: JumpReLU vs Gated vs TopK at matched L0 on the bundled model
+	$(PY) -m benchmark.run -m +experiment=quickstart
+	$(PY) -m benchmark.report results/quickstart --out results/quickstart/report
+
+test: setup         ## the default test run (no slow, no gpu tests)
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+test-all: setup     ## every test that runs on this machine, slow ones included
+	$(PY) -m pytest -m "not gpu" -q
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+typecheck: setup
+	$(PY) -m mypy
+
+bench: setup
+	$(PY) scripts/bench_harvest.py
+	$(PY) scripts/bench_train.py
+
+clean-cache:        ## activation and model caches (results are kept)
+	rm -rf .cache

@@ -1,0 +1,147 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435), exactly as in PAPER.md.
+
+    pre = W_enc (x - b_dec) + b_enc
+    f   = JumpReLU_theta(pre) = pre * H(pre - theta)        one threshold theta_i > 0 per latent
+    L   = ||x - x_hat||^2 + lambda * ||f||_0
+
+Straight-through pseudo-derivatives with the rectangle kernel K(u) = 1[|u| < 1/2], bandwidth eps:
+
+    d/dtheta JumpReLU_theta(z) := -(theta / eps) * K((z - theta) / eps)
+    d/dtheta H(z - theta)      := -(1 / eps) * K((z - theta) / eps)
+    d/dz JumpReLU_theta(z)     := H(z - theta)        d/dz H(z - theta) := 0
+
+The L0 term is computed on the *same* pre-activations as the forward pass, passed through
+`.detach()`: since d/dz of H is 0 by the definition above, this changes no gradient value, it only
+makes structural the paper's statement that the L0 term trains the thresholds alone and the
+encoder learns from the reconstruction term only.
+
+Threshold storage (`threshold_param`): "direct" (default) trains theta itself in fp32 and
+clamps it to >= `min_threshold` after each optimiser step; "log" trains log(theta) as in the
+paper's released code. The default is "direct" because with eps = 1e-3 Adam moves log(theta) by
+~lr per step, i.e. theta by a relative ~lr: at short (CPU-length) runs the thresholds barely
+move (PAPER.md, "known trap"). In "log" mode the chain rule through exp is applied by autograd
+on top of the pseudo-derivative with respect to theta.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from baselines.base import SAEOutput, SparseAutoencoder, squared_error
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """K(u) = 1 if |u| < 1/2 else 0."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_z = (z > theta).to(z.dtype) * grad
+        grad_theta = -(theta / eps) * rectangle((z - theta) / eps) * grad
+        return grad_z, grad_theta.sum_to_size(theta.shape), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_theta = -(1.0 / eps) * rectangle((z - theta) / eps) * grad
+        return torch.zeros_like(z), grad_theta.sum_to_size(theta.shape), None
+
+
+def jumprelu(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    """z * H(z - theta) with the straight-through pseudo-derivative for theta."""
+    return _JumpReLU.apply(z, theta, bandwidth)  # type: ignore[no-any-return]
+
+
+def step(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    """H(z - theta) with the straight-through pseudo-derivative for theta (none for z)."""
+    return _Step.apply(z, theta, bandwidth)  # type: ignore[no-any-return]
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    """JumpReLU SAE.
+
+    Args:
+        d_in, d_sae, coefficient: see `SparseAutoencoder`; coefficient is lambda of the L0 term.
+        bandwidth: eps of the rectangle kernel (paper: 0.001).
+        threshold_init: initial theta for every latent (paper: 0.001).
+        threshold_param: "direct" (train theta, default) or "log" (train log theta).
+        min_threshold: lower clamp of theta after each step in "direct" mode (keeps theta > 0).
+    """
+
+    activation_unit_params = ("b_enc", "b_dec")  # theta is folded in fold_scale below
+    surrogate_gradients = {t: ("raw_threshold",) for t in ("loss", "mse", "l0_penalty")}
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        coefficient: float = 0.0,
+        bandwidth: float = 0.001,
+        threshold_init: float = 0.001,
+        threshold_param: Literal["direct", "log"] = "direct",
+        min_threshold: float = 1e-6,
+    ) -> None:
+        super().__init__(d_in, d_sae, coefficient)
+        if bandwidth <= 0 or threshold_init <= 0:
+            raise ValueError(
+                f"bandwidth and threshold_init must be > 0, got {bandwidth}, {threshold_init}"
+            )
+        if threshold_param not in ("direct", "log"):
+            raise ValueError(f"threshold_param must be 'direct' or 'log', got {threshold_param!r}")
+        self.bandwidth, self.threshold_param = float(bandwidth), threshold_param
+        self.min_threshold = float(min_threshold)
+        init = torch.full((d_sae,), float(threshold_init), dtype=torch.float32)  # fp32 always
+        self.raw_threshold = nn.Parameter(init.log() if threshold_param == "log" else init)
+
+    @property
+    def threshold(self) -> Tensor:
+        """theta, shape (d_sae,)."""
+        return self.raw_threshold.exp() if self.threshold_param == "log" else self.raw_threshold
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return jumprelu(pre, self.threshold, self.bandwidth)
+
+    def loss_terms(
+        self, x: Tensor, out: SAEOutput, coefficient: float, dead_mask: Tensor | None
+    ) -> dict[str, Tensor]:
+        mse = squared_error(x, out.x_hat)
+        # L0 on the forward pass's own pre-activations, detached: see the module docstring.
+        l0 = step(out.pre.detach(), self.threshold, self.bandwidth).sum(dim=-1).mean()
+        return {"loss": mse + coefficient * l0, "mse": mse, "l0_penalty": l0}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        if self.threshold_param == "direct":
+            self.raw_threshold.clamp_(min=self.min_threshold)
+
+    @torch.no_grad()
+    def fold_scale(self, c: float) -> None:
+        super().fold_scale(c)
+        if self.threshold_param == "log":
+            self.raw_threshold.add_(math.log(c))
+        else:
+            self.raw_threshold.mul_(c)

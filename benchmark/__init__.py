@@ -1,0 +1,1 @@
+"""The runner: model + data -> activations -> train -> evaluate -> results -> report."""
