@@ -336,3 +336,22 @@ def test_topk_b_pre_initialised_to_geometric_median():
     assert cost(m) < cost(x.mean(0))
     for d in torch.eye(2) * 1e-2:
         assert cost(m) <= cost(m + d) + 1e-6 and cost(m) <= cost(m - d) + 1e-6
+
+
+# --- BatchTopK ---------------------------------------------------------------------------------
+def test_batchtopk_keeps_k_per_token_on_average_and_thresholds_at_inference():
+    from baselines.batchtopk import BatchTopKSAE
+
+    torch.manual_seed(12)
+    sae = BatchTopKSAE(D_IN, D_SAE, k=4, threshold_momentum=0.0)
+    x = _data()
+    f = sae(x).f  # training mode: top 4 * 64 over the whole batch
+    per_token = (f > 0).sum(dim=-1)
+    assert per_token.sum() == 4 * 64 and per_token.min() != per_token.max()
+    # With momentum 0 the threshold is this batch's smallest kept activation ...
+    assert sae.threshold.item() == pytest.approx(f[f > 0].min().item())
+    # ... and in eval mode the same batch gives (nearly) the same code, per token alone.
+    sae.eval()
+    g = sae(x).f
+    assert ((g > 0) != (f > 0)).sum() <= 1  # only the threshold element itself (strict >)
+    torch.testing.assert_close(sae(x[:1]).f, g[:1])

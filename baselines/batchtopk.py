@@ -1,0 +1,52 @@
+"""BatchTopK SAE (Bussmann et al. 2024, arXiv 2412.06410): TopK over the whole batch.
+
+Training: keep the k * B largest pre-activations of the batch (B tokens) and ReLU them, so L0
+is k on average over the batch but varies per token. Inference: one global threshold theta,
+f = pre * H(pre - theta), so a token's code does not depend on the rest of its batch. theta is
+an exponential moving average (`threshold_momentum`) of the smallest positive activation kept
+in each training batch. AuxK, initialisation and b_pre are TopK's (this class extends it).
+
+This file is also the worked example of adding a baseline by config (README): one class here and
+one YAML, conf/sae/batchtopk.yaml.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from baselines.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    """Args as `TopKSAE`, plus threshold_momentum for the inference threshold's moving average."""
+
+    activation_unit_params = ("b_enc", "b_dec", "threshold")
+
+    def __init__(self, *args, threshold_momentum: float = 0.99, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= threshold_momentum < 1.0:
+            raise ValueError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
+        self.threshold_momentum = float(threshold_momentum)
+        self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+
+    def activate(self, pre: Tensor) -> Tensor:
+        if not self.training:
+            return pre * (pre > self.threshold.clamp_min(0.0)).to(pre.dtype)
+        flat = pre.flatten()
+        top = flat.topk(self.k * pre.shape[0])
+        f = torch.zeros_like(flat).scatter(0, top.indices, torch.relu(top.values)).view_as(pre)
+        self._update_threshold(top.values)
+        return f
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        positive = kept[kept > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min()
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
+        else:
+            m = self.threshold_momentum
+            self.threshold.mul_(m).add_((1 - m) * smallest)
