@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,10 +16,11 @@ CONF = ROOT / "conf"
 SAE_NAMES = sorted(p.stem for p in (CONF / "sae").glob("*.yaml"))
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The composed root config, as `python -m benchmark.run <overrides>` would see it."""
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed root config, as `python -m benchmark.run <overrides>` would see it,
+    e.g. compose_config(["site=mlp", "data.n_train_tokens=2000"])."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides or []), return_hydra_config=False)
+        return compose("config", overrides=list(overrides), return_hydra_config=False)
 
 
 def sae_from_conf(name: str, d_in: int, d_sae: int, overrides=(), dtype=torch.float32):

@@ -1,0 +1,464 @@
+"""Activations: harvest with one truncated forward pass, cache on disk, serve shuffled batches.
+
+Owns the activation cache and everything between token windows and the trainer's batches:
+- Harvest: one forward pass stopped after the layer (`stop_at_layer=layer + 1`) reads every
+  requested site of that layer through capture hooks (`run_with_hooks`; measured no slower than
+  `run_with_cache`, and it keeps only the masked rows). Sites with more than one trailing dim
+  (`attn.hook_z`: (B, T, n_heads, d_head)) are flattened to (B, T, n_heads * d_head). BOS, EOS
+  and pad positions are dropped (`data.non_special_mask`); exactly `n_tokens` rows are kept.
+- Cache: `{cache_dir}/activations/<key>/`, one directory per (model, layer, site, data and its
+  config, split, context length, token count, dtype); the key ends in a hash of all of them, so
+  any change gives a new cache, and every SAE, architecture, sparsity and seed asking for the
+  same key reuses it. Rows are stored in the model's dtype (fp32 for the bundled CPU model:
+  ~2.3 KB per token at d=576, 0.46 GB per 200k tokens; bf16 halves it on GPU), in `.npy` shards
+  of ~`data.harvest.shard_mb` MB. Each shard is written to a temp file then `os.replace`d, and
+  `manifest.json` is written last: a directory without a manifest is never read, and a killed
+  harvest resumes after its last completed shard. A file lock per key makes two processes
+  asking for the same key at once share one harvest (the second waits, then reads it).
+- Normalisation: `norm_scale` c = sqrt(mean ||x||^2), computed over every cached row (exact,
+  float64) and stored in the manifest, so that x / c has E||x||^2 = 1 (PAPER.md).
+- Batches: shuffled, seeded, any number of epochs, streamed from disk with RAM bounded by the
+  shuffle buffer (a few shards at a time, ~`buffer_mb`), independent of the token count.
+
+Attention-sink outliers. On SmolLM2-135M at layer 6, the BOS position has a residual norm ~9x
+the median (~900 vs ~104); it is excluded with the other special positions. A second group
+survives that exclusion: the first few occurrences of " the" (and a bare space) in each window
+act as extra sinks, with norms 5-9x the median on ~1.8% of tokens, which then carry roughly
+half of E||x||^2. MLP and attention outputs have no such tail (max ~3x median). The suite does
+nothing about them beyond the BOS/EOS/pad exclusion (as the paper): they are real activations
+that the spliced model needs reconstructed. Each manifest records the norm quantiles and the
+share of rows above 5x the median (`stats`), so the effect can be checked per cache.
+
+Must not know SAEs, the trainer or the evaluator; it reads the composed config but never
+composes one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+
+from benchmark.data import Split, data_identity, non_special_mask, token_windows
+from benchmark.errors import ActivationError, ConfigError
+from benchmark.models import hook_name, load_model, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the on-disk layout or the harvest changes what is stored
+MANIFEST, HARVEST_PLAN = "manifest.json", "harvest.json"
+OUTLIER_FACTOR = 5.0  # rows with norm > 5x the median are counted in the manifest's stats
+ModelArg = Any  # TransformerBridge | Callable[[], TransformerBridge] | None
+
+
+class ActivationStore:
+    """A complete cached set of activations for one (model, layer, site, data, split, budget)."""
+
+    def __init__(self, path: Path, *, from_cache: bool = True, buffer_mb: int = 256):
+        manifest = json.loads((path / MANIFEST).read_text())
+        self.path = path
+        self.key: str = manifest["key"]
+        self.hook: str = manifest["hook"]
+        self.d_in: int = manifest["d_in"]
+        self.n_tokens: int = manifest["n_tokens"]
+        self.norm_scale: float = manifest["norm_scale"]
+        self.dtype: str = manifest["dtype"]
+        self.stats: dict = manifest["stats"]
+        self.spec: dict = manifest["spec"]
+        self.from_cache = from_cache  # False when this process harvested it
+        self.shards: list[tuple[str, int]] = [(s["file"], s["rows"]) for s in manifest["shards"]]
+        self.buffer_rows = max(1, buffer_mb * 2**20 // (self.d_in * 4))
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({self.key}, n_tokens={self.n_tokens}, d_in={self.d_in})"
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epochs: float | None = None,
+        normalise: bool = True,
+        shuffle: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """float32 (batch_size, d_in) batches; endless when `epochs` is None.
+
+        Exactly round(epochs * n_tokens) rows in all, epoch after epoch (every batch full but
+        possibly the last). Shuffling: shard order per epoch, then rows within a buffer of a
+        few shards. `normalise` divides by `norm_scale`.
+        """
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size={batch_size} must be positive")
+        total = math.inf if epochs is None else round(epochs * self.n_tokens)
+        scale = 1.0 / self.norm_scale if normalise else 1.0
+        rng = np.random.default_rng(seed)
+        if total <= 0:
+            return
+        carry, done = None, 0
+        for chunk in self._chunks(rng, shuffle):
+            # Leftover rows go first, unshuffled: epoch e ends before epoch e + 1 begins.
+            buf = chunk if carry is None else np.concatenate([carry, chunk])  # (R, d_in)
+            start = 0
+            while len(buf) - start >= (want := int(min(batch_size, total - done))):
+                yield _to_float32(buf[start : start + want], self.dtype) * scale
+                start, done = start + want, done + want
+                if done >= total:
+                    return
+            carry = buf[start:]
+
+    def _chunks(self, rng: np.random.Generator, shuffle: bool) -> Iterator[np.ndarray]:
+        """Endless: per epoch, groups of shards (at most ~buffer_rows rows), rows shuffled."""
+        while True:
+            order = rng.permutation(len(self.shards)) if shuffle else range(len(self.shards))
+            group: list[np.ndarray] = []
+            for i in order:
+                group.append(self._load(i))
+                if sum(map(len, group)) >= self.buffer_rows:
+                    yield _mix(group, rng, shuffle)
+                    group = []
+            if group:
+                yield _mix(group, rng, shuffle)
+
+    def _load(self, i: int) -> np.ndarray:
+        return np.load(self.path / self.shards[i][0], mmap_mode="r")
+
+
+def get_activation_store(
+    model: ModelArg, cfg: Any, split: Split = "train", sites: Sequence[Any] | None = None
+) -> ActivationStore | dict[str, ActivationStore]:
+    """The cached activations of `cfg.layer.index` for `cfg.site` (or each of `sites`).
+
+    `model`: a TransformerBridge, a zero-argument callable returning one, or None (then it is
+    loaded from `cfg.model` on a cache miss only: a hit never loads a model). `split` picks
+    `data.n_train_tokens` or `data.n_eval_tokens`. With `sites=None` returns one store for
+    `cfg.site`; with a list of site configs (each with `name` and `hook`) harvests every
+    missing one in one pass and returns {site name: store}.
+    """
+    site_cfgs = [cfg.site] if sites is None else list(sites)
+    layer = cfg.layer.index
+    hooks = {s.name: hook_name(cfg.model, layer, s) for s in site_cfgs}  # config errors first
+    n_tokens = _budget(cfg.data, split)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    root = Path(cfg.cache_dir) / "activations"
+    specs = {s.name: _spec(cfg, layer, s, split, n_tokens, dtype) for s in site_cfgs}
+    dirs = {name: root / cache_key(spec) for name, spec in specs.items()}
+    harvested: set[str] = set()
+    if not all(_complete(d) for d in dirs.values()):
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(dirs.values()):
+            todo = [name for name, d in dirs.items() if not _complete(d)]
+            if todo:
+                bridge = _bridge(model, cfg, device, dtype)
+                hooks = {s.name: hook_name(cfg.model, layer, s, bridge) for s in site_cfgs}
+                fewer = bool(cfg.data.get("allow_fewer_tokens", False))
+                windows = _windows(cfg.data, bridge, split, n_tokens, fewer)
+                targets = [_Target(n, hooks[n], dirs[n], specs[n]) for n in todo]
+                _harvest(bridge, windows, layer, targets, cfg.data.get("harvest") or {})
+                harvested.update(todo)
+    stores = {
+        name: ActivationStore(d, from_cache=name not in harvested) for name, d in dirs.items()
+    }
+    return stores[cfg.site.name] if sites is None else stores
+
+
+def cache_key(spec: dict) -> str:
+    """Readable prefix + a hash of the whole spec: any change in it gives a new directory."""
+    digest = _digest(spec)
+    m, d = spec["model"], spec["data"]
+    return (
+        f"{m['name']}_L{spec['layer']}_{spec['site']['name']}_{d['name']}-{spec['split']}"
+        f"_T{d['context_length']}_N{spec['n_tokens']}_{m['dtype']}_{digest}"
+    )
+
+
+# ---- key ----
+
+
+def _spec(cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: torch.dtype) -> dict:
+    model = {k: cfg.model.get(k) for k in ("name", "source", "path", "architecture", "bos_token")}
+    return {
+        "format": CACHE_FORMAT,
+        "model": {**model, "dtype": str(dtype).removeprefix("torch.")},
+        "layer": layer,
+        "site": {"name": site.name, "hook": site.hook},
+        "data": data_identity(cfg.data),
+        "split": split,
+        "n_tokens": n_tokens,
+    }
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _budget(data_cfg: Any, split: str) -> int:
+    if split not in ("train", "eval"):
+        raise ConfigError(f"split={split!r} is not one of train, eval")
+    key = f"n_{split}_tokens"
+    n = data_cfg.get(key)
+    if not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"data.{key}={n!r} must be a positive integer")
+    return n
+
+
+def _complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+@contextmanager
+def _locked(paths: Any) -> Iterator[None]:
+    """One file lock per key, taken in sorted order (two processes never deadlock)."""
+    with ExitStack() as stack:
+        for path in sorted(paths):
+            lock = FileLock(f"{path}.lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("waiting for another process harvesting %s", path.name)
+                lock.acquire()
+            stack.callback(lock.release)
+        yield
+
+
+def _bridge(model: ModelArg, cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """The model to harvest with: given, built by a callable, or loaded from cfg.model."""
+    bridge: Any
+    if model is None:
+        bridge = load_model(cfg.model, device, cfg.cache_dir)
+    elif isinstance(model, torch.nn.Module):
+        bridge = model
+    elif callable(model):
+        bridge = model()
+    else:
+        raise TypeError(f"model must be a TransformerBridge, a callable or None; got {type(model)}")
+    got = next(bridge.parameters()).dtype
+    if got != dtype:  # the cache key names the dtype; the rows must be in it
+        raise ConfigError(
+            f"the model given runs in {got} but model.dtype={cfg.model.dtype!r} resolves to "
+            f"{dtype} on {device}"
+        )
+    return bridge
+
+
+def _windows(data_cfg: Any, bridge: Any, split: Split, n_tokens: int, fewer: bool) -> torch.Tensor:
+    n_ctx = getattr(bridge.cfg, "n_ctx", None)
+    if n_ctx and data_cfg.context_length > n_ctx:
+        raise ConfigError(
+            f"data.context_length={data_cfg.context_length} exceeds the model's context {n_ctx}"
+        )
+    return token_windows(data_cfg, bridge.tokenizer, split, n_tokens, allow_fewer=fewer)
+
+
+# ---- harvest ----
+
+
+class _Target:
+    """One site being harvested: its hook, cache directory and key spec."""
+
+    def __init__(self, name: str, hook: str, path: Path, spec: dict):
+        self.name, self.hook, self.path, self.spec = name, hook, path, spec
+
+
+def _harvest(
+    bridge: Any, windows: torch.Tensor, layer: int, targets: list[_Target], opts: Any
+) -> None:
+    """Fill each target's directory with shards, then its manifest (written last)."""
+    started = time.perf_counter()
+    mask = non_special_mask(windows, bridge.tokenizer)  # (N, T)
+    batch = int(opts.get("batch_size", 32))
+    W = _windows_per_shard(bridge, windows.shape[1], batch, float(opts.get("shard_mb", 32)))
+    keep = _rows_per_shard(mask, W, n_tokens=targets[0].spec["n_tokens"])
+    plan = {"windows_per_shard": W, "rows_per_shard": keep}
+    done = {t.name: _resume(t, plan) for t in targets}
+    device = torch.device(bridge.cfg.device)
+    for k in range(min(done.values()), len(keep)):
+        need = [t for t in targets if done[t.name] <= k]
+        rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in need}
+        first, last = k * W, min((k + 1) * W, len(windows))
+        for b in range(first, last, batch):
+            e = min(b + batch, last)
+            hooks = {t.name: t.hook for t in need}
+            acts = read_sites(bridge, windows[b:e].to(device), mask[b:e].to(device), hooks, layer)
+            for name, x in acts.items():
+                rows[name].append(x)
+        for t in need:
+            shard = torch.cat(rows[t.name])[: keep[k]]  # (rows, d_in)
+            _check_finite(shard, t, k, first, mask[first:last])
+            _write_shard(t.path, k, shard)
+        log.info("harvest layer %d: shard %d/%d", layer, k + 1, len(keep))
+    for t in targets:
+        _write_manifest(t, keep, time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def read_sites(
+    bridge: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: dict[str, str], layer: int
+) -> dict[str, torch.Tensor]:
+    """One forward pass stopped after `layer`: {site: (n masked positions, d_in) on CPU}."""
+    flat = mask.reshape(-1)  # (B*T,)
+    out: dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Callable:
+        def hook(act: torch.Tensor, hook: Any) -> None:
+            out[name] = act.reshape(flat.shape[0], -1)[flat].cpu()  # (B, T, ...) -> (n, d_in)
+
+        return hook
+
+    bridge.run_with_hooks(
+        tokens,
+        fwd_hooks=[(h, capture(name)) for name, h in hooks.items()],
+        stop_at_layer=layer + 1,
+        return_type=None,
+    )
+    return out
+
+
+def _windows_per_shard(bridge: Any, T: int, batch: int, shard_mb: float) -> int:
+    """Windows per shard: ~shard_mb MB at the widest site, a multiple of the forward batch."""
+    c = bridge.cfg
+    width = max(c.d_model, c.n_heads * c.d_head)
+    itemsize = next(bridge.parameters()).element_size()
+    target = shard_mb * 2**20 / (T * width * itemsize)
+    return batch * max(1, round(target / batch))
+
+
+def _rows_per_shard(mask: torch.Tensor, W: int, n_tokens: int) -> list[int]:
+    """Rows each shard keeps: its masked positions, the last cut so the total is n_tokens."""
+    per_window = mask.sum(dim=1).tolist()
+    keep, total = [], 0
+    for k in range(0, len(per_window), W):
+        rows = min(sum(per_window[k : k + W]), n_tokens - total)
+        keep.append(rows)
+        total += rows
+    return keep
+
+
+def _resume(t: _Target, plan: dict) -> int:
+    """Completed leading shards from an earlier, interrupted harvest of the same plan."""
+    plan_file = t.path / HARVEST_PLAN
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+        log.info(
+            "%s: harvest settings changed since the interrupted run; starting over", t.path.name
+        )
+        shutil.rmtree(t.path)
+    t.path.mkdir(parents=True, exist_ok=True)
+    for tmp in t.path.glob(".*"):  # temp files of writes cut short by the interruption
+        tmp.unlink()
+    _write_json(plan_file, plan)
+    k = 0
+    while (t.path / _shard_name(k)).is_file():
+        k += 1
+    if k:
+        log.info("%s: resuming after %d completed shards", t.path.name, k)
+    return k
+
+
+def _check_finite(x: torch.Tensor, t: _Target, k: int, first: int, mask: torch.Tensor) -> None:
+    """Raise naming the shard, window and position of the first NaN/inf (mask: its windows)."""
+    bad = ~torch.isfinite(x)
+    if not bad.any():
+        return
+    row, dim = (int(i) for i in bad.nonzero()[0])
+    window, pos = (int(i) for i in mask.nonzero()[row])
+    raise ActivationError(
+        f"non-finite activation {x[row, dim].item()} at site {t.name} ({t.hook}), "
+        f"shard {k} ({t.path / _shard_name(k)}), row {row}: window {first + window} "
+        f"of the harvest, position {pos}, dimension {dim}"
+    )
+
+
+def _shard_name(k: int) -> str:
+    return f"shard_{k:05d}.npy"
+
+
+def _write_shard(path: Path, k: int, x: torch.Tensor) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{_shard_name(k)}.", dir=path)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, _to_numpy(x))
+    os.replace(tmp, path / _shard_name(k))
+
+
+def _write_manifest(t: _Target, keep: list[int], seconds: float) -> None:
+    shards: list[dict[str, Any]] = [
+        {"file": _shard_name(k), "rows": rows} for k, rows in enumerate(keep)
+    ]
+    first = np.load(t.path / shards[0]["file"], mmap_mode="r")
+    dtype = "bfloat16" if first.dtype == np.int16 else str(first.dtype)
+    norms = _row_norms(t.path, shards, dtype)
+    mean_sq = float(np.mean(norms**2))
+    median = float(np.median(norms))
+    manifest = {
+        "key": t.path.name,
+        "spec": t.spec,
+        "hook": t.hook,
+        "d_in": int(first.shape[1]),
+        "n_tokens": int(len(norms)),
+        "dtype": dtype,
+        "norm_scale": math.sqrt(mean_sq),
+        "stats": {
+            "mean_sq_norm": mean_sq,
+            "norm_quantiles": dict(
+                zip(
+                    ("q50", "q90", "q99", "q999", "max"),
+                    np.quantile(norms, [0.5, 0.9, 0.99, 0.999, 1.0]).tolist(),
+                )
+            ),
+            "frac_norm_over_5x_median": float(np.mean(norms > OUTLIER_FACTOR * median)),
+        },
+        "shards": shards,
+        "harvest_seconds": round(seconds, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_json(t.path / MANIFEST, manifest)
+    log.info(
+        "cached %s: %d tokens, norm_scale %.4g", t.path.name, len(norms), manifest["norm_scale"]
+    )
+
+
+def _row_norms(path: Path, shards: list[dict], dtype: str) -> np.ndarray:
+    """||x|| of every cached row, accumulated in float64, a shard at a time."""
+    norms = []
+    for s in shards:
+        x = _to_float32(np.load(path / s["file"]), dtype).double()  # (rows, d_in)
+        norms.append(x.square().sum(dim=1).sqrt().numpy())
+    return np.concatenate(norms)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---- storage dtype ----
+
+
+def _to_numpy(x: torch.Tensor) -> np.ndarray:
+    """numpy has no bfloat16: its raw bits are stored as int16 and viewed back on load."""
+    return x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+
+
+def _to_float32(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).float()
+
+
+def _mix(group: list[np.ndarray], rng: np.random.Generator, shuffle: bool) -> np.ndarray:
+    buf = np.concatenate(group)  # (R, d_in), read from the memory-mapped shards
+    return buf[rng.permutation(len(buf))] if shuffle else buf

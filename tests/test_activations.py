@@ -1,0 +1,276 @@
+"""The activation cache on the real bundled model: harvest, reuse, resume, share, batches, errors.
+
+Budgets are tiny (2,000 tokens at layer 2, shards of 4 windows) so a harvest takes ~1 s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark import activations
+from benchmark.activations import ActivationStore, cache_key, get_activation_store
+from benchmark.data import non_special_mask, token_windows
+from benchmark.errors import ActivationError, ConfigError
+from tests.conftest import REPO, compose_config
+
+pytestmark = pytest.mark.integration
+SITES = ("residual", "mlp", "attention")
+# Layer 2, 2,000 tokens; shard_mb 1.125 gives 4 windows (~500 rows of 576 fp32) per shard.
+TINY = [
+    "device=cpu",
+    "layer.index=2",
+    "data.n_train_tokens=2000",
+    "data.n_eval_tokens=500",
+    "data.harvest.batch_size=4",
+    "data.harvest.shard_mb=1.125",
+]
+
+
+def tiny(cache_dir, *overrides):
+    return compose_config([f"cache_dir={cache_dir}", *TINY, *overrides])
+
+
+def site_cfgs():
+    return [compose_config([f"site={s}"]).site for s in SITES]
+
+
+def all_rows(store: ActivationStore) -> torch.Tensor:
+    return torch.cat(list(store.batches(10**6, seed=0, epochs=1, normalise=False, shuffle=False)))
+
+
+def refuse_to_load(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+@pytest.fixture(scope="module")
+def three_sites(bundled_model, tmp_path_factory):
+    """Residual, MLP and attention of layer 2, harvested together; counts forward passes."""
+    calls = []
+    read = activations.read_sites
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])
+        return read(*args, **kwargs)
+
+    activations.read_sites = counting
+    try:
+        cfg = tiny(tmp_path_factory.mktemp("three"))
+        stores = get_activation_store(bundled_model, cfg, sites=site_cfgs())
+    finally:
+        activations.read_sites = read
+    return cfg, stores, calls
+
+
+def test_one_pass_fills_every_site(three_sites, monkeypatch):
+    cfg, stores, calls = three_sites
+    assert set(stores) == set(SITES)
+    assert len(calls) == 4 and all(len(hooks) == 3 for hooks in calls)  # 4 batches, 3 sites each
+    for store in stores.values():
+        assert not store.from_cache and store.n_tokens == 2000 and store.d_in == 576
+        assert len(store.shards) == 4 and sum(r for _, r in store.shards) == 2000
+    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    for name in SITES:  # each site's cache is now a hit, without loading a model
+        hit = get_activation_store(
+            None, compose_config([f"cache_dir={cfg.cache_dir}", *TINY, f"site={name}"])
+        )
+        assert hit.from_cache and hit.key == stores[name].key
+
+
+def test_rows_equal_a_full_forward_pass(three_sites, bundled_model):
+    """Truncated harvest == a plain run_with_cache without stop_at_layer (first shard)."""
+    cfg, stores, _ = three_sites
+    tok = bundled_model.tokenizer
+    windows = token_windows(cfg.data, tok, "train", 2000)[:4]  # (4, T): shard 0
+    mask = non_special_mask(windows, tok).flatten()
+    with torch.inference_mode():
+        _, cache = bundled_model.run_with_cache(windows)
+    for store in stores.values():
+        expected = (
+            cache[store.hook].flatten(2) if store.hook.endswith("hook_z") else cache[store.hook]
+        )
+        expected = expected.reshape(mask.shape[0], -1)[mask]  # (rows, d_in)
+        got = torch.from_numpy(np.load(store.path / store.shards[0][0]))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * store.norm_scale)
+
+
+def test_norm_scale_and_stats(three_sites):
+    _, stores, _ = three_sites
+    for store in stores.values():
+        x = all_rows(store).double()
+        assert store.norm_scale == pytest.approx(x.square().sum(1).mean().sqrt().item(), rel=1e-9)
+        assert set(store.stats) == {"mean_sq_norm", "norm_quantiles", "frac_norm_over_5x_median"}
+    # The attention-sink tail of the residual stream (see the activations module docstring).
+    assert stores["residual"].stats["frac_norm_over_5x_median"] > 0.005
+
+
+def test_batches(three_sites):
+    store = three_sites[1]["residual"]
+    rows = all_rows(store)
+    one = list(store.batches(300, seed=1, epochs=1, normalise=False))
+    assert [len(b) for b in one] == [300] * 6 + [200]
+    assert all(b.dtype == torch.float32 and b.shape[1] == 576 for b in one)
+    shuffled = torch.cat(one)
+    assert not torch.equal(shuffled, rows)
+    assert torch.equal(shuffled[shuffled[:, 0].argsort()], rows[rows[:, 0].argsort()])  # once each
+    again = next(store.batches(300, seed=1, epochs=1, normalise=False))
+    other = next(store.batches(300, seed=2, epochs=1, normalise=False))
+    assert torch.equal(again, one[0]) and not torch.equal(other, one[0])
+    assert sum(len(b) for b in store.batches(512, seed=0, epochs=2.5)) == 5000
+    endless = list(islice(store.batches(512, seed=0), 20))  # 10,240 rows > 2,000
+    assert all(len(b) == 512 for b in endless)
+    normalised = torch.cat(list(store.batches(512, seed=0, epochs=1))).double()
+    assert normalised.square().sum(1).mean().item() == pytest.approx(1.0, rel=1e-6)
+    small = ActivationStore(store.path, buffer_mb=1)  # buffer < one shard: one shard at a time
+    chunks = list(islice(small._chunks(np.random.default_rng(0), shuffle=True), 4))
+    assert sorted(len(c) for c in chunks) == sorted(r for _, r in store.shards)
+
+
+def test_changed_key_gives_a_new_cache(three_sites, bundled_model, monkeypatch):
+    cfg, stores, _ = three_sites
+    base = activations._spec(cfg, 2, cfg.site, "train", 2000, torch.float32)
+    assert cache_key(base) == stores["residual"].key
+    changes = [
+        ("layer", 3),
+        ("site", {"name": "residual", "hook": "hook_resid_pre"}),
+        ("split", "eval"),
+        ("n_tokens", 2001),
+        ("model", {**base["model"], "dtype": "bfloat16"}),
+        ("data", {**base["data"], "context_length": 64}),
+        ("data", {**base["data"], "eval_fraction": 0.1}),
+    ]
+    keys = {cache_key({**base, field: value}) for field, value in changes}
+    assert len(keys) == len(changes) and cache_key(base) not in keys
+    budget_only = tiny(cfg.cache_dir, "data.harvest.batch_size=8", "data.n_eval_tokens=7")
+    same = activations._spec(budget_only, 2, cfg.site, "train", 2000, torch.float32)
+    assert cache_key(same) == cache_key(base)  # harvest settings and other budgets: same cache
+    fewer = get_activation_store(bundled_model, tiny(cfg.cache_dir, "data.n_train_tokens=1500"))
+    assert not fewer.from_cache and fewer.path != stores["residual"].path
+    eval_store = get_activation_store(bundled_model, tiny(cfg.cache_dir), split="eval")
+    assert eval_store.n_tokens == 500 and "-eval_" in eval_store.key
+
+
+def test_killed_harvest_resumes(three_sites, bundled_model, tmp_path, monkeypatch, caplog):
+    written = []
+    write = activations._write_shard
+
+    def dies_after_two(path, k, x):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        write(path, k, x)
+        written.append(path / activations._shard_name(k))
+
+    monkeypatch.setattr(activations, "_write_shard", dies_after_two)
+    cfg = tiny(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        get_activation_store(bundled_model, cfg)
+    before = {p: p.stat().st_mtime_ns for p in written}
+    key_dir = written[0].parent
+    assert not (key_dir / "manifest.json").exists()
+    assert sorted(p.name for p in key_dir.glob("*.npy")) == ["shard_00000.npy", "shard_00001.npy"]
+    monkeypatch.setattr(activations, "_write_shard", write)
+    with caplog.at_level(logging.INFO, logger="benchmark.activations"):
+        store = get_activation_store(bundled_model, cfg)
+    assert "resuming after 2 completed shards" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in written} == before  # completed shards kept
+    assert torch.equal(all_rows(store), all_rows(three_sites[1]["residual"]))
+
+
+def test_two_processes_share_one_harvest(tmp_path):
+    """Two processes ask for the same key at once: one harvests, the other waits and reads."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import torch
+        from tests.conftest import MODEL_CACHE, compose_config
+        from benchmark.activations import get_activation_store
+        from benchmark.models import load_model
+        cfg = compose_config({[f"cache_dir={tmp_path}", *TINY]!r})
+        store = get_activation_store(lambda: load_model(cfg.model, torch.device("cpu"), MODEL_CACHE), cfg)
+        print(json.dumps({{"from_cache": store.from_cache, "key": store.key, "c": store.norm_scale}}))
+        """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert sorted(r["from_cache"] for r in results) == [False, True]
+    assert results[0]["key"] == results[1]["key"] and results[0]["c"] == results[1]["c"]
+
+
+def test_config_errors_come_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    with pytest.raises(ConfigError, match=r"layer.index=30 .* valid 0\.\.29"):
+        get_activation_store(None, tiny(tmp_path, "layer.index=30"))
+    with pytest.raises(ConfigError, match="unknown hook 'hook_mlp'"):
+        get_activation_store(None, tiny(tmp_path, "site.hook=hook_mlp"))
+    with pytest.raises(ConfigError, match="data.n_train_tokens=0"):
+        get_activation_store(None, tiny(tmp_path, "data.n_train_tokens=0"))
+    with pytest.raises(ConfigError, match="split='test'"):
+        get_activation_store(None, tiny(tmp_path), split="test")
+    assert not (tmp_path / "activations").exists()
+
+
+def test_model_dtype_must_match_the_key(bundled_model, tmp_path):
+    with pytest.raises(ConfigError, match="runs in torch.float32 but model.dtype='bfloat16'"):
+        get_activation_store(bundled_model, tiny(tmp_path, "model.dtype=bfloat16"))
+
+
+def test_corpus_errors(bundled_model, tmp_path, caplog):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    empty = tiny(tmp_path, "data=local", f"data.path={tmp_path / 'empty.txt'}")
+    with pytest.raises(ConfigError, match="empty corpus"):
+        get_activation_store(bundled_model, empty)
+    small_file = tmp_path / "small.txt"
+    small_file.write_text("\n\n".join(f"Paragraph {i} is about topic {i * 7}." for i in range(100)))
+    small = tiny(tmp_path, "data=local", f"data.path={small_file}")
+    with pytest.raises(
+        ConfigError, match=r"holds \d+ tokens .* 2000 requested \(data.n_train_tokens\)"
+    ):
+        get_activation_store(bundled_model, small)
+    assert not list((tmp_path / "activations").glob("*/manifest.json"))
+    with caplog.at_level(logging.WARNING):
+        store = get_activation_store(
+            bundled_model,
+            tiny(tmp_path, "data=local", f"data.path={small_file}", "data.allow_fewer_tokens=true"),
+        )
+    assert 0 < store.n_tokens < 2000 and "allow_fewer_tokens=true" in caplog.text
+
+
+def test_nan_names_shard_and_position(bundled_model, tmp_path):
+    # Poison the residual stream after attention: the MLP is per-position, so the NaN stays at
+    # position 5 (before attention it would spread: masked scores weigh NaN values by 0 -> NaN).
+    def poison(act, hook):
+        act = act.clone()
+        act[0, 5] = float("nan")  # window 0 of every batch, position 5
+        return act
+
+    with bundled_model.hooks(fwd_hooks=[("blocks.1.hook_resid_mid", poison)]):
+        with pytest.raises(
+            ActivationError, match=r"shard 0 .*row 4: window 0 of the harvest, position 5"
+        ):
+            get_activation_store(bundled_model, tiny(tmp_path, "layer.index=1"))
+
+
+def test_bfloat16_storage_round_trip():
+    x = torch.randn(5, 3).to(torch.bfloat16)
+    stored = activations._to_numpy(x)
+    assert stored.dtype == np.int16
+    assert torch.equal(activations._to_float32(stored, "bfloat16"), x.float())

@@ -1,0 +1,127 @@
+"""Metric definitions (benchmark/evaluate.py) on hand-made cases where the answer is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from baselines.base import SAEOutput
+from benchmark import evaluate as ev
+from benchmark.data import non_special_mask, token_windows
+from benchmark.evaluate import SpliceStats, evaluate_sae, next_token_losses
+from tests.helpers import compose_config
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return SAEOutput(x, x, x)
+
+
+class Constant(nn.Module):
+    """x_hat = a fixed vector (zeros: the zero SAE; the dataset mean: the mean SAE); f = 0."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return SAEOutput(self.value.expand_as(x).to(x.dtype), torch.zeros(len(x), 3), x)
+
+
+def test_fvu_uses_whole_set_mean_not_batch_means():
+    # Two batches whose own means differ: per-batch centring would give a different answer.
+    a = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    b = torch.tensor([[11.0, 2.0], [13.0, 2.0]])
+    s = SpliceStats()
+    for x in (a, b):
+        s.add(x, x + 0.5, torch.ones(2, 1))
+    x = torch.cat([a, b])
+    expected = (0.5**2 * 2 * 4) / ((x - x.mean(0)) ** 2).sum().item()
+    assert s.fvu() == pytest.approx(expected, rel=1e-12)
+
+
+def test_l0_and_firing_counts():
+    s = SpliceStats()
+    f = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 1.0], [3.0, 0.0, 0.0], [1.0, 0.0, 1.0]])
+    s.add(torch.zeros(4, 2), torch.zeros(4, 2), f)
+    assert s.active / s.n == pytest.approx(6 / 4)
+    assert s.fired.tolist() == [3, 0, 3]
+
+
+def test_next_token_losses_by_hand():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = 2.0  # position 0 predicts token 1
+    tokens = torch.tensor([[0, 2, 1]])
+    ce = next_token_losses(logits, tokens)
+    z = torch.logsumexp(torch.tensor([0.0, 0.0, 2.0, 0.0]), 0)
+    assert ce[0, 0].item() == pytest.approx((z - 2.0).item())
+    assert ce[0, 1].item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
+
+
+# --- on the real bundled model -----------------------------------------------------------------
+HOOK = "blocks.2.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def eval_set(bundled_model):
+    """4 windows of 32 real evaluation-split tokens; BOS first (and between documents)."""
+    cfg = compose_config(["data.context_length=32"])
+    tokens = token_windows(cfg.data, bundled_model.tokenizer, "eval", 100)[:4]
+    mask = non_special_mask(tokens, bundled_model.tokenizer)
+    assert not mask[:, 0].any()
+    _, cache = bundled_model.run_with_cache(tokens, names_filter=[HOOK])
+    acts = cache[HOOK][mask].double()  # (n, d) the positions that count
+    return tokens, mask, acts
+
+
+@pytest.mark.integration
+def test_identity_sae_is_perfect(bundled_model, eval_set):
+    tokens, mask, acts = eval_set
+    m, freq = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=2)
+    assert m["fvu"] == 0.0
+    assert m["delta_lm_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert m["kl_div"] == pytest.approx(0.0, abs=1e-6)
+    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert m["n_eval_tokens"] == mask.sum().item() == len(acts)  # BOS never counted
+
+
+@pytest.mark.integration
+def test_zero_sae_recovers_nothing(bundled_model, eval_set, tmp_path):
+    tokens, mask, acts = eval_set
+    zero = Constant(torch.zeros(acts.shape[1]))
+    m, freq = evaluate_sae(bundled_model, zero, tokens, mask, HOOK, batch_size=2,
+                           cache_dir=tmp_path, model_key="smollm2")  # fmt: skip
+    assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert m["spliced_ce_loss"] == pytest.approx(m["zero_ce_loss"], abs=1e-6)
+    assert m["l0"] == 0 and m["frac_dead"] == 1.0
+    # FVU is centred on the dataset mean, so zeros give sum||x||^2 / sum||x - mean||^2 > 1.
+    centred = ((acts - acts.mean(0)) ** 2).sum()
+    assert m["fvu"] == pytest.approx(((acts**2).sum() / centred).item(), rel=1e-6)
+    # The zero-ablation and clean losses are cached and reused by the next SAE.
+    assert len(list((tmp_path / "losses").glob("*.json"))) == 2
+
+
+@pytest.mark.integration
+def test_mean_sae_has_fvu_one(bundled_model, eval_set):
+    tokens, mask, acts = eval_set
+    mean = Constant(acts.mean(0).float())
+    m, _ = evaluate_sae(bundled_model, mean, tokens, mask, HOOK, batch_size=4, kl_div=False)
+    assert m["fvu"] == pytest.approx(1.0, rel=1e-5)
+    assert m["delta_lm_loss"] > 0
+
+
+@pytest.mark.integration
+def test_cached_losses_are_reused(bundled_model, eval_set, tmp_path, monkeypatch):
+    tokens, mask, _ = eval_set
+    first, _ = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=4,
+                            cache_dir=tmp_path, model_key="m")  # fmt: skip
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed a cached loss")
+
+    monkeypatch.setattr(ev, "mean_ce", fail)
+    again, _ = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=4,
+                            cache_dir=tmp_path, model_key="m", kl_div=False)  # fmt: skip
+    assert again["clean_ce_loss"] == first["clean_ce_loss"]
+    assert again["zero_ce_loss"] == first["zero_ce_loss"]

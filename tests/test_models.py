@@ -1,0 +1,137 @@
+"""Model sources, device/dtype resolution, hook names and the conf/model entries."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from benchmark import models
+from benchmark.errors import ConfigError
+from benchmark.models import BLOCK_HOOKS, hook_name, load_model, resolve_device, resolve_dtype
+from tests.conftest import MODEL_CACHE
+from tests.helpers import CONF as CONF_DIR
+
+MODEL_NAMES = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+# Real shapes, checked against each model's Hugging Face config.json.
+REAL_SHAPES = {
+    "smollm2_135m": (30, 576, 9, 64),
+    "gemma2_9b": (42, 3584, 16, 256),
+    "gemma2_2b": (26, 2304, 8, 256),
+    "gpt2_small": (12, 768, 12, 64),
+    "pythia_70m": (6, 512, 8, 64),
+}
+
+
+def test_resolve_device_and_dtype():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="gpu0"):
+        resolve_device("gpu0")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ConfigError, match="fp8.*float32"):
+        resolve_dtype("fp8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_model_configs(compose, name):
+    """Each entry composes, has the real shape, and names its layers at 9/20/31 of 42."""
+    cfg = compose([f"model={name}", "layer=late"])
+    m = cfg.model
+    assert (m.n_layers, m.d_model, m.n_heads, m.d_head) == REAL_SHAPES[name]
+    fractions = {"early": 9 / 42, "middle": 20 / 42, "late": 31 / 42}
+    assert dict(m.layers) == {k: round(m.n_layers * f) for k, f in fractions.items()}
+    assert cfg.layer.index == m.layers.late
+    assert m.source in models.SOURCES and m.architecture
+    assert m.dtype in {"auto", *models.DTYPES}
+
+
+def test_hook_name(compose):
+    cfg = compose(["site=attention"])
+    assert hook_name(cfg.model, 6, cfg.site) == "blocks.6.attn.hook_z"
+    assert hook_name(cfg.model, 29, compose(["site=residual"]).site) == "blocks.29.hook_resid_post"
+    for bad in (30, -1, "6"):
+        with pytest.raises(ConfigError, match=r"layer.index=.* valid 0\.\.29"):
+            hook_name(cfg.model, bad, cfg.site)
+    with pytest.raises(ConfigError, match="unknown hook 'hook_resid_postt'.*hook_resid_post"):
+        hook_name(cfg.model, 6, OmegaConf.create({"name": "typo", "hook": "hook_resid_postt"}))
+    bridge = SimpleNamespace(hook_dict={"blocks.6.hook_resid_post": None})
+    with pytest.raises(ConfigError, match="no hook 'blocks.6.attn.hook_z'.*hook_resid_post"):
+        hook_name(cfg.model, 6, cfg.site, bridge)
+
+
+def test_source_errors(compose, tmp_path):
+    cfg = compose([])
+    with pytest.raises(ConfigError, match="model.source='ftp'.*bundled, hf, local"):
+        load_model(OmegaConf.merge(cfg.model, {"source": "ftp"}), torch.device("cpu"), tmp_path)
+    missing = OmegaConf.merge(cfg.model, {"source": "local", "path": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="model.path=.*nope"):
+        load_model(missing, torch.device("cpu"), tmp_path)
+    with pytest.raises(ConfigError, match="model.dtype='half'"):
+        load_model(OmegaConf.merge(cfg.model, {"dtype": "half"}), torch.device("cpu"), tmp_path)
+
+
+def test_hf_source_boots_by_name(compose, monkeypatch):
+    """No hub here: check the call the hf source makes and the checks load_model adds."""
+    calls = []
+
+    def fake_boot(name, **kwargs):
+        calls.append((name, kwargs))
+        fake = torch.nn.Linear(2, 2)
+        fake.cfg = SimpleNamespace(n_layers=12, d_model=768, n_heads=12, d_head=64)
+        return fake
+
+    monkeypatch.setattr(models.TransformerBridge, "boot_transformers", staticmethod(fake_boot))
+    cfg = compose(["model=gpt2_small"])
+    bridge = load_model(cfg.model, torch.device("cpu"), "unused")
+    assert calls[0][0] == "openai-community/gpt2"
+    assert calls[0][1]["dtype"] == torch.float32
+    assert not bridge.training and not any(p.requires_grad for p in bridge.parameters())
+    wrong = OmegaConf.merge(cfg.model, {"n_layers": 11})
+    with pytest.raises(
+        ConfigError, match="model.n_layers=11 but gpt2_small loaded with n_layers=12"
+    ):
+        load_model(wrong, torch.device("cpu"), "unused")
+
+
+@pytest.mark.integration
+def test_bundled_model(bundled_model, compose):
+    cfg = compose([])
+    assert bundled_model.tokenizer.bos_token_id == 0  # <|endoftext|>, see conf/model
+    assert bundled_model.to_tokens("Hello")[0, 0].item() == 0
+    assert not bundled_model.training
+    assert not any(p.requires_grad for p in bundled_model.parameters())
+    for hook in BLOCK_HOOKS:
+        assert hook_name(cfg.model, 6, {"name": "x", "hook": hook}, bundled_model)
+    converted = Path(MODEL_CACHE) / "models" / models.bundled_gguf().stem
+    assert (converted / "config.json").is_file() and (converted / "model.safetensors").is_file()
+
+
+@pytest.mark.integration
+def test_offline_sources_never_touch_the_network(bundled_model, compose, monkeypatch):
+    """Bundled (converted cache present) and local sources load with every socket refused;
+    the local source, pointed at the converted bundled model, gives the same logits."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    cfg = compose([])
+    bundled = load_model(cfg.model, torch.device("cpu"), MODEL_CACHE)
+    path = Path(MODEL_CACHE) / "models" / models.bundled_gguf().stem
+    local_cfg = OmegaConf.merge(cfg.model, {"source": "local", "path": str(path)})
+    local = load_model(local_cfg, torch.device("cpu"), "unused")
+    tokens = torch.tensor([[0, 504, 3458, 282, 4649, 314]])
+    with torch.inference_mode():
+        expected = bundled_model(tokens)
+        torch.testing.assert_close(bundled(tokens), expected)
+        torch.testing.assert_close(local(tokens), expected)
+    assert local.tokenizer.bos_token_id == 0
