@@ -1,4 +1,4 @@
-"""Activations: harvest with one truncated forward pass, cache on disk, serve shuffled batches.
+"""Activations: harvest with one truncated forward pass, cache on disk (or stream), serve batches.
 
 Owns the activation cache and everything between token windows and the trainer's batches:
 - Harvest: one forward pass stopped after the layer (`stop_at_layer=layer + 1`) reads every
@@ -19,6 +19,19 @@ Owns the activation cache and everything between token windows and the trainer's
   float64) and stored in the manifest, so that x / c has E||x||^2 = 1 (PAPER.md).
 - Batches: shuffled, seeded, any number of epochs, streamed from disk with RAM bounded by the
   shuffle buffer (a few shards at a time, ~`buffer_mb`), independent of the token count.
+- Streaming (`data.stream: true`, train split only; for budgets too large to store): a
+  `StreamingStore` has the same interface but nothing on disk except its norm_scale. Its
+  batches run the same truncated forward pass on the train windows, read lazily in order
+  (`data.harvest.batch_size` at a time), drop BOS/EOS/pad rows and push the rest through a
+  shuffle buffer of `data.stream_buffer_tokens` rows: filled first, then each batch takes
+  batch_size random rows out (seeded) and the next rows of the stream take their places. It is
+  endless (`n_tokens` is math.inf; the trainer's train.n_tokens decides how much is read, and
+  `data.n_train_tokens` is unused); when the split runs out the windows start over (logged).
+  `norm_scale` is estimated once per key on the split's first `data.stream_norm_tokens` rows
+  (c = sqrt(mean ||x||^2), float64, the value a cache of that many tokens would hold) and
+  kept in `{cache_dir}/activations/<key>/norm.json` (key spec: "stream": "norm_scale"), so
+  every job of a sweep divides by the same scalar; a hit never loads the model until the
+  first batch is asked for.
 
 Attention-sink outliers. On SmolLM2-135M at layer 6, the BOS position has a residual norm ~9x
 the median (~900 vs ~104); it is excluded with the other special positions. A second group
@@ -35,6 +48,7 @@ composes one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -44,6 +58,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +66,15 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from benchmark.data import Split, data_identity, non_special_mask, token_windows
+from benchmark.data import Split, data_identity, non_special_mask, stream_windows, token_windows
 from benchmark.errors import ActivationError, ConfigError
 from benchmark.models import hook_name, load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the on-disk layout or the harvest changes what is stored
-MANIFEST, HARVEST_PLAN = "manifest.json", "harvest.json"
+MANIFEST, HARVEST_PLAN, NORM_FILE = "manifest.json", "harvest.json", "norm.json"
+STREAM_DEFAULTS = {"stream_buffer_tokens": 262_144, "stream_norm_tokens": 100_000}
 OUTLIER_FACTOR = 5.0  # rows with norm > 5x the median are counted in the manifest's stats
 ModelArg = Any  # TransformerBridge | Callable[[], TransformerBridge] | None
 
@@ -135,20 +151,80 @@ class ActivationStore:
         return np.load(self.path / self.shards[i][0], mmap_mode="r")
 
 
+class StreamingStore:
+    """Training activations read from the model as the trainer asks (see the module docstring).
+
+    Same interface as ActivationStore; `n_tokens` is math.inf (endless) and `path` is the
+    directory of `norm.json`. The model is loaded on the first batch, not before.
+    """
+
+    def __init__(
+        self, path: Path, bridge: Callable[[], Any], data_cfg: Any, layer: int, buffer_rows: int
+    ):
+        norm = json.loads((path / NORM_FILE).read_text())
+        self.path = path
+        self.key: str = norm["key"]
+        self.hook: str = norm["hook"]
+        self.site: str = norm["spec"]["site"]["name"]
+        self.d_in: int = norm["d_in"]
+        self.n_tokens: float = math.inf
+        self.norm_scale: float = norm["norm_scale"]
+        self.buffer_rows = buffer_rows
+        self._bridge, self._data_cfg, self._layer = bridge, data_cfg, layer
+
+    def __repr__(self) -> str:
+        return f"StreamingStore({self.key}, buffer_rows={self.buffer_rows}, d_in={self.d_in})"
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epochs: float | None = None,
+        normalise: bool = True,
+        shuffle: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Endless float32 (batch_size, d_in) batches, each a forward pass away at most.
+
+        `shuffle`: drawn at random (seeded) from the shuffle buffer; else rows in stream order
+        (window by window). `epochs` must be None: a stream has no epochs. `normalise` divides
+        by `norm_scale`.
+        """
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size={batch_size} must be positive")
+        if epochs is not None:
+            raise ConfigError("a streaming store is endless (epochs=None); train.n_tokens stops it")
+        scale = 1.0 / self.norm_scale if normalise else 1.0
+        bridge = self._bridge()
+        rows = _stream_rows(bridge, self._data_cfg, self._layer, self.site, self.hook)
+        pieces = _rebatch(rows, batch_size)  # (batch_size, d_in) in stream order
+        if shuffle:
+            pieces = _shuffle_buffer(pieces, self.buffer_rows, np.random.default_rng(seed))
+        for x in pieces:
+            yield x.float() * scale
+
+
+Store = ActivationStore | StreamingStore
+
+
 def get_activation_store(
     model: ModelArg, cfg: Any, split: Split = "train", sites: Sequence[Any] | None = None
-) -> ActivationStore | dict[str, ActivationStore]:
+) -> Store | dict[str, Store]:
     """The cached activations of `cfg.layer.index` for `cfg.site` (or each of `sites`).
 
     `model`: a TransformerBridge, a zero-argument callable returning one, or None (then it is
     loaded from `cfg.model` on a cache miss only: a hit never loads a model). `split` picks
     `data.n_train_tokens` or `data.n_eval_tokens`. With `sites=None` returns one store for
     `cfg.site`; with a list of site configs (each with `name` and `hook`) harvests every
-    missing one in one pass and returns {site name: store}.
+    missing one in one pass and returns {site name: store}. With `data.stream: true` the train
+    split is a `StreamingStore` instead (one per site); the eval split is always cached.
     """
     site_cfgs = [cfg.site] if sites is None else list(sites)
     layer = cfg.layer.index
     hooks = {s.name: hook_name(cfg.model, layer, s) for s in site_cfgs}  # config errors first
+    if split == "train" and cfg.data.get("stream", False):
+        streams = {s.name: _streaming_store(model, cfg, s) for s in site_cfgs}
+        return streams[cfg.site.name] if sites is None else streams
     n_tokens = _budget(cfg.data, split)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -178,8 +254,9 @@ def cache_key(spec: dict) -> str:
     """Readable prefix + a hash of the whole spec: any change in it gives a new directory."""
     digest = _digest(spec)
     m, d = spec["model"], spec["data"]
+    split = spec["split"] + ("-stream" if "stream" in spec else "")
     return (
-        f"{m['name']}_L{spec['layer']}_{spec['site']['name']}_{d['name']}-{spec['split']}"
+        f"{m['name']}_L{spec['layer']}_{spec['site']['name']}_{d['name']}-{split}"
         f"_T{d['context_length']}_N{spec['n_tokens']}_{m['dtype']}_{digest}"
     )
 
@@ -209,9 +286,13 @@ def _digest(obj: Any) -> str:
 def _budget(data_cfg: Any, split: str) -> int:
     if split not in ("train", "eval"):
         raise ConfigError(f"split={split!r} is not one of train, eval")
-    key = f"n_{split}_tokens"
-    n = data_cfg.get(key)
-    if not isinstance(n, int) or n <= 0:
+    return _positive(data_cfg, f"n_{split}_tokens")
+
+
+def _positive(data_cfg: Any, key: str) -> int:
+    """data.<key> (default: STREAM_DEFAULTS), checked to be a positive integer."""
+    n = data_cfg.get(key, STREAM_DEFAULTS.get(key))
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ConfigError(f"data.{key}={n!r} must be a positive integer")
     return n
 
@@ -256,12 +337,16 @@ def _bridge(model: ModelArg, cfg: Any, device: torch.device, dtype: torch.dtype)
 
 
 def _windows(data_cfg: Any, bridge: Any, split: Split, n_tokens: int, fewer: bool) -> torch.Tensor:
+    _check_context(data_cfg, bridge)
+    return token_windows(data_cfg, bridge.tokenizer, split, n_tokens, allow_fewer=fewer)
+
+
+def _check_context(data_cfg: Any, bridge: Any) -> None:
     n_ctx = getattr(bridge.cfg, "n_ctx", None)
     if n_ctx and data_cfg.context_length > n_ctx:
         raise ConfigError(
             f"data.context_length={data_cfg.context_length} exceeds the model's context {n_ctx}"
         )
-    return token_windows(data_cfg, bridge.tokenizer, split, n_tokens, allow_fewer=fewer)
 
 
 # ---- harvest ----
@@ -298,7 +383,8 @@ def _harvest(
                 rows[name].append(x)
         for t in need:
             shard = torch.cat(rows[t.name])[: keep[k]]  # (rows, d_in)
-            _check_finite(shard, t, k, first, mask[first:last])
+            where = f"site {t.name} ({t.hook}), shard {k} ({t.path / _shard_name(k)})"
+            _check_finite(shard, mask[first:last], first, where, "harvest")
             _write_shard(t.path, k, shard)
         log.info("harvest layer %d: shard %d/%d", layer, k + 1, len(keep))
     for t in targets:
@@ -368,17 +454,17 @@ def _resume(t: _Target, plan: dict) -> int:
     return k
 
 
-def _check_finite(x: torch.Tensor, t: _Target, k: int, first: int, mask: torch.Tensor) -> None:
-    """Raise naming the shard, window and position of the first NaN/inf (mask: its windows)."""
+def _check_finite(x: torch.Tensor, mask: torch.Tensor, first: int, where: str, of: str) -> None:
+    """Raise naming `where`, the window and position of the first NaN/inf in x (rows of the
+    windows first, first + 1, ... whose non-special positions are `mask`)."""
     bad = ~torch.isfinite(x)
     if not bad.any():
         return
     row, dim = (int(i) for i in bad.nonzero()[0])
     window, pos = (int(i) for i in mask.nonzero()[row])
     raise ActivationError(
-        f"non-finite activation {x[row, dim].item()} at site {t.name} ({t.hook}), "
-        f"shard {k} ({t.path / _shard_name(k)}), row {row}: window {first + window} "
-        f"of the harvest, position {pos}, dimension {dim}"
+        f"non-finite activation {x[row, dim].item()} at {where}, row {row}: "
+        f"window {first + window} of the {of}, position {pos}, dimension {dim}"
     )
 
 
@@ -444,6 +530,119 @@ def _write_json(path: Path, obj: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+
+# ---- streaming ----
+
+
+def _streaming_store(model: ModelArg, cfg: Any, site: Any) -> StreamingStore:
+    """A StreamingStore for `site`; its norm_scale is estimated on a miss (one process per key
+    at a time, the others wait and read it) and read from norm.json on a hit."""
+    layer = cfg.layer.index
+    n_norm = _positive(cfg.data, "stream_norm_tokens")
+    buffer_rows = _positive(cfg.data, "stream_buffer_tokens")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    spec = {**_spec(cfg, layer, site, "train", n_norm, dtype), "stream": "norm_scale"}
+    path = Path(cfg.cache_dir) / "activations" / cache_key(spec)
+    bridge = functools.cache(lambda: _bridge(model, cfg, device, dtype))  # loaded at most once
+    if not (path / NORM_FILE).is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked([path]):
+            if not (path / NORM_FILE).is_file():
+                _estimate_norm(bridge(), cfg, site, spec, path)
+    return StreamingStore(path, bridge, cfg.data, layer, buffer_rows)
+
+
+def _estimate_norm(bridge: Any, cfg: Any, site: Any, spec: dict, path: Path) -> None:
+    """c = sqrt(mean ||x||^2) over the first spec["n_tokens"] streamed rows (float64; a split
+    with fewer rows is read again from its start), written to path/norm.json."""
+    hook = hook_name(cfg.model, spec["layer"], site, bridge)
+    n_tokens, have, sum_sq = spec["n_tokens"], 0, 0.0
+    rows = _stream_rows(bridge, cfg.data, spec["layer"], site.name, hook)
+    for x in rows:  # (rows, d_in)
+        x = x[: n_tokens - have].double()
+        sum_sq += x.square().sum().item()
+        have += len(x)
+        if have == n_tokens:
+            break
+    rows.close()
+    norm = {
+        "key": path.name,
+        "spec": spec,
+        "hook": hook,
+        "d_in": int(x.shape[1]),
+        "n_tokens": n_tokens,
+        "norm_scale": math.sqrt(sum_sq / n_tokens),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    _write_json(path / NORM_FILE, norm)
+    log.info("stream %s: norm_scale %.4g over %d tokens", path.name, norm["norm_scale"], have)
+
+
+def _stream_rows(
+    bridge: Any, data_cfg: Any, layer: int, site: str, hook: str
+) -> Iterator[torch.Tensor]:
+    """Endless (rows, d_in) activations of the train windows in order, one forward batch
+    (`data.harvest.batch_size` windows) at a time, BOS/EOS/pad rows dropped, on CPU."""
+    batch = int((data_cfg.get("harvest") or {}).get("batch_size", 32))
+    device = torch.device(bridge.cfg.device)
+    for first, windows in _window_batches(data_cfg, bridge, batch):  # (batch, T)
+        mask = non_special_mask(windows, bridge.tokenizer)  # (batch, T)
+        x = read_sites(bridge, windows.to(device), mask.to(device), {site: hook}, layer)[site]
+        _check_finite(x, mask, first, f"site {site} ({hook}), streamed", "stream")
+        yield x
+
+
+def _window_batches(data_cfg: Any, bridge: Any, batch: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Endless (index of the first window, (batch, T) windows) of the train split, read
+    lazily in order; at the end of the split the windows start over."""
+    _check_context(data_cfg, bridge)
+    first = 0
+    while True:
+        windows, start = stream_windows(data_cfg, bridge.tokenizer, "train"), first
+        while chunk := list(islice(windows, batch)):
+            yield first, torch.tensor(chunk, dtype=torch.long)
+            first += len(chunk)
+        if first == start:
+            raise ConfigError(f"data {data_cfg.name!r}: the train split holds no full window")
+        log.warning("the train split ended after %d windows; the stream starts over", first)
+
+
+def _rebatch(chunks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """The rows of `chunks`, in order, as (batch_size, d_in) pieces."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    for x in chunks:
+        pending.append(x)
+        have += len(x)
+        if have < batch_size:
+            continue
+        rows = torch.cat(pending)  # (have, d_in)
+        full = have - have % batch_size
+        yield from rows[:full].split(batch_size)
+        pending, have = [rows[full:]], have - full
+
+
+def _shuffle_buffer(
+    pieces: Iterator[torch.Tensor], size: int, rng: np.random.Generator
+) -> Iterator[torch.Tensor]:
+    """Random (batch_size, d_in) batches from a buffer of ~size rows: filled from `pieces`
+    first, then each batch takes batch_size random rows out and the next piece takes their
+    places (each row stays size / batch_size batches on average)."""
+    first = next(pieces)  # (batch_size, d_in)
+    batch_size = len(first)
+    n = batch_size * max(1, math.ceil(size / batch_size))  # a whole number of pieces
+    buf = first.new_empty((n, first.shape[1]))  # (n, d_in), in the model's dtype
+    buf[:batch_size] = first
+    for i in range(batch_size, n, batch_size):
+        buf[i : i + batch_size] = next(pieces)
+    while True:
+        idx = torch.from_numpy(rng.choice(n, batch_size, replace=False))  # (batch_size,)
+        batch = buf[idx]  # (batch_size, d_in), a copy
+        buf[idx] = next(pieces)
+        yield batch
 
 
 # ---- storage dtype ----

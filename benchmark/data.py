@@ -57,8 +57,12 @@ Split = Literal["train", "eval"]
 SPLITS = ("train", "eval")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 BOOK_PASSAGE_CHARS = 2_000
-# Keys of a data config that do not change which tokens a split holds (kept out of cache keys).
-BUDGET_KEYS = ("n_train_tokens", "n_eval_tokens", "allow_fewer_tokens", "harvest")
+# Keys of a data config that do not change which tokens a split holds (kept out of cache keys):
+# budgets, and how activations are read (harvest settings, streaming).
+BUDGET_KEYS = (
+    *("n_train_tokens", "n_eval_tokens", "allow_fewer_tokens", "harvest"),
+    *("stream", "stream_buffer_tokens", "stream_norm_tokens"),
+)
 
 
 @dataclass(frozen=True)
@@ -77,12 +81,10 @@ def token_windows(
         raise ConfigError(f"split={split!r} is not one of {', '.join(SPLITS)}")
     if n_tokens <= 0:
         raise ConfigError(f"n_tokens={n_tokens} must be positive")
-    bos = bos_id(tokenizer)
     special = set(special_ids(tokenizer))
     seen = _Seen()
-    docs = split_documents(data_cfg, split, seen)
     windows, have = [], 0
-    for window in _pack(_tokenise(docs, tokenizer), T, bos):
+    for window in stream_windows(data_cfg, tokenizer, split, seen):
         windows.append(window)
         have += sum(t not in special for t in window)
         if have >= n_tokens:
@@ -103,6 +105,18 @@ def token_windows(
         raise ConfigError(f"{message}. Lower it, or set data.allow_fewer_tokens=true")
     log.warning("%s: using %d tokens (data.allow_fewer_tokens=true)", message, have)
     return torch.tensor(windows, dtype=torch.long)
+
+
+def stream_windows(
+    data_cfg: Any, tokenizer: Any, split: Split, seen: _Seen | None = None
+) -> Iterator[list[int]]:
+    """Every window of `split`, in order, read lazily: lists of context_length token ids, BOS
+    first (the windows `token_windows` returns, without a budget)."""
+    T = _context_length(data_cfg)
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    docs = split_documents(data_cfg, split, seen)
+    return _pack(_tokenise(docs, tokenizer), T, bos_id(tokenizer))
 
 
 def eval_windows(cfg: Any, tokenizer: Any) -> torch.Tensor:

@@ -88,9 +88,10 @@ SCHEMA_COLUMNS = (
 )
 NUMERIC_COLUMNS = SCHEMA_COLUMNS[SCHEMA_COLUMNS.index("target_l0") :] + ("layer",)
 RUN_COLUMNS = (
-    *("model", "site", "layer", "layer_name", "sae", "d_sae", "sparsity", "seed", "l0"),
+    *("model", "site", "layer", "layer_name", "sae", "d_sae", "sparsity", "sparsity_mode"),
+    *("target_l0", "coefficient", "seed", "l0"),
     *("delta_lm_loss", "fvu", "ce_loss_recovered", "kl_div", "frac_dead", "frac_freq_over_10pct"),
-    *("train_tokens", "train_seconds", "run_id"),
+    *("frac_freq_over_1pct", "train_tokens", "train_seconds", "train_tokens_per_s", "run_id"),
 )
 FORMATS = {"l0": "{:.1f}", "coefficient": "{:.3g}", "train_seconds": "{:.0f}"}
 ORDER = {  # paper order first, anything else after it alphabetically

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from benchmark import activations, data, models
 from benchmark.evaluate import METRIC_DEFINITIONS, METRICS_VERSION, evaluate_sae
 from benchmark.results import provenance, read_result, write_result
-from benchmark.saes import build_sae, sae_node, save_sae
+from benchmark.saes import build_sae, load_sae, sae_node, save_sae
 from benchmark.train import Sparsity, TrainConfig, train_sae
 from benchmark.validate import check_run, dictionary_size
 
@@ -91,13 +91,7 @@ def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> dict[str, Any]:
     save_sae(sae, out, node)
 
     stage("evaluate", out)
-    lm = model()
-    tokens = data.eval_windows(cfg, lm.tokenizer).to(device)
-    mask = data.non_special_mask(tokens, lm.tokenizer)
-    metrics, freq = evaluate_sae(
-        lm, sae.eval(), tokens, mask, hook, batch_size=int(cfg.eval.batch_size),
-        cache_dir=cfg.cache_dir, model_key=cfg.model.name, kl_div=bool(cfg.eval.kl_div),
-    )  # fmt: skip
+    metrics, freq = evaluate_stage(cfg, sae, model(), hook, device)
     np.save(out / "firing_frequency.npy", freq.numpy())
 
     record = {
@@ -121,6 +115,7 @@ def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> dict[str, Any]:
         "d_sae": d_sae,
         "norm_scale": store.norm_scale,
         "activation_cache": str(store.key),
+        "activation_source": "stream" if cfg.data.get("stream") else "cache",
         "metrics_version": METRICS_VERSION,
         "metric_definitions": METRIC_DEFINITIONS,
         **metrics,
@@ -143,6 +138,28 @@ def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> dict[str, Any]:
         metrics["delta_lm_loss"], metrics["frac_dead"],
     )  # fmt: skip
     return record
+
+
+def evaluate_stage(cfg: DictConfig, sae, lm, hook: str, device: torch.device):
+    """The paper's metrics of a trained (scale-folded) SAE on the held-out split."""
+    tokens = data.eval_windows(cfg, lm.tokenizer).to(device)
+    mask = data.non_special_mask(tokens, lm.tokenizer)
+    return evaluate_sae(
+        lm, sae.eval(), tokens, mask, hook, batch_size=int(cfg.eval.batch_size),
+        cache_dir=cfg.cache_dir, model_key=cfg.model.name, kl_div=bool(cfg.eval.kl_div),
+    )  # fmt: skip
+
+
+def reevaluate(run_dir: str | Path, device: str = "auto") -> dict[str, float]:
+    """Reload a finished run's SAE and config and evaluate it again (same metrics, exactly)."""
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert isinstance(cfg, DictConfig)
+    dev = models.resolve_device(device)
+    sae = load_sae(run_dir, dev)
+    hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
+    lm = models.load_model(cfg.model, dev, cfg.cache_dir)
+    return evaluate_stage(cfg, sae, lm, hook, dev)[0]
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

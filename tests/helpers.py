@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
+from benchmark.compose import CONF_DIR as CONF
+from benchmark.compose import compose_config
 from benchmark.saes import build_sae
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 SAE_NAMES = sorted(p.stem for p in (CONF / "sae").glob("*.yaml"))
-
-
-def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The composed root config, as `python -m benchmark.run <overrides>` would see it,
-    e.g. compose_config(["site=mlp", "data.n_train_tokens=2000"])."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=False)
+__all__ = ["CONF", "ROOT", "SAE_NAMES", "compose_config", "sae_from_conf"]
 
 
 def sae_from_conf(name: str, d_in: int, d_sae: int, overrides=(), dtype=torch.float32):

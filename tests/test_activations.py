@@ -1,4 +1,5 @@
-"""The activation cache on the real bundled model: harvest, reuse, resume, share, batches, errors.
+"""The activation cache on the real bundled model: harvest, reuse, resume, share, batches, errors;
+and the streaming store (data.stream=true).
 
 Budgets are tiny (2,000 tokens at layer 2, shards of 4 windows) so a harvest takes ~1 s.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 import textwrap
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from benchmark import activations
-from benchmark.activations import ActivationStore, cache_key, get_activation_store
+from benchmark.activations import ActivationStore, StreamingStore, cache_key, get_activation_store
 from benchmark.data import non_special_mask, token_windows
 from benchmark.errors import ActivationError, ConfigError
 from tests.conftest import REPO, compose_config
@@ -149,7 +151,11 @@ def test_changed_key_gives_a_new_cache(three_sites, bundled_model, monkeypatch):
     ]
     keys = {cache_key({**base, field: value}) for field, value in changes}
     assert len(keys) == len(changes) and cache_key(base) not in keys
-    budget_only = tiny(cfg.cache_dir, "data.harvest.batch_size=8", "data.n_eval_tokens=7")
+    budget_only = tiny(
+        cfg.cache_dir,
+        *("data.harvest.batch_size=8", "data.n_eval_tokens=7", "data.stream=true"),
+        *("data.stream_buffer_tokens=7", "data.stream_norm_tokens=7"),
+    )
     same = activations._spec(budget_only, 2, cfg.site, "train", 2000, torch.float32)
     assert cache_key(same) == cache_key(base)  # harvest settings and other budgets: same cache
     fewer = get_activation_store(bundled_model, tiny(cfg.cache_dir, "data.n_train_tokens=1500"))
@@ -274,3 +280,87 @@ def test_bfloat16_storage_round_trip():
     stored = activations._to_numpy(x)
     assert stored.dtype == np.int16
     assert torch.equal(activations._to_float32(stored, "bfloat16"), x.float())
+
+
+# ---- streaming ----
+
+# norm_scale over the first 500 rows (one forward batch of 4 windows); a buffer of 256 rows.
+# Each forward batch takes ~1.4 s on 2 CPU cores: the tests read as few as they can.
+STREAM = ["data.stream=true", "data.stream_norm_tokens=500", "data.stream_buffer_tokens=256"]
+
+
+@pytest.fixture(scope="module")
+def stream(bundled_model, tmp_path_factory):
+    cfg = tiny(tmp_path_factory.mktemp("stream"), *STREAM)
+    return cfg, get_activation_store(bundled_model, cfg)
+
+
+def test_stream_batches(stream):
+    _, store = stream
+    assert isinstance(store, StreamingStore) and "-train-stream_" in store.key
+    assert store.n_tokens == math.inf and store.d_in == 576
+    assert (store.path / "norm.json").is_file()
+    one = list(islice(store.batches(64, seed=0), 4))  # 256 rows buffered + 256 more read
+    assert all(b.shape == (64, 576) and b.dtype == torch.float32 for b in one)
+    mean_sq = torch.cat(one).double().square().sum(1).mean().item()
+    assert mean_sq == pytest.approx(1.0, rel=0.5)  # 256 random rows; the residual's tail is heavy
+    again = list(islice(store.batches(64, seed=0), 2))
+    other = next(store.batches(64, seed=1))
+    assert torch.equal(again[0], one[0]) and torch.equal(again[1], one[1])
+    assert not torch.equal(other, one[0])
+    with pytest.raises(ConfigError, match="endless"):
+        next(store.batches(64, seed=0, epochs=1))
+
+
+def test_stream_rows_equal_the_cache(stream, three_sites):
+    """shuffle=False: the stream's first rows are the cache's rows for the same windows (same
+    forward batches), and norm_scale is sqrt(mean ||x||^2) over the first 500 of them."""
+    _, store = stream
+    cached = all_rows(three_sites[1]["residual"])[:500].double()
+    assert store.norm_scale == pytest.approx(cached.square().sum(1).mean().sqrt().item(), rel=1e-9)
+    unit = next(store.batches(500, seed=0, shuffle=False)).double()
+    torch.testing.assert_close(unit, cached / store.norm_scale, rtol=1e-6, atol=1e-6)
+    assert unit.square().sum(1).mean().item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_stream_norm_scale_is_cached(stream, monkeypatch):
+    cfg, store = stream
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("norm_scale estimated again")
+
+    monkeypatch.setattr(activations, "_estimate_norm", refuse)
+    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    again = get_activation_store(None, cfg)  # a hit: no estimate, no model until a batch
+    assert again.norm_scale == store.norm_scale and again.key == store.key
+
+
+def test_stream_eval_split_is_cached(bundled_model, tmp_path):
+    store = get_activation_store(bundled_model, tiny(tmp_path, *STREAM), split="eval")
+    assert isinstance(store, ActivationStore) and store.n_tokens == 500
+
+
+def test_stream_starts_over_and_errors(bundled_model, tmp_path, caplog):
+    small_file = tmp_path / "small.txt"
+    small_file.write_text("\n\n".join(f"Paragraph {i} is about topic {i * 7}." for i in range(30)))
+    small = [*STREAM, "data=local", f"data.path={small_file}"]  # ~350 tokens < 500
+    with caplog.at_level(logging.WARNING):
+        store = get_activation_store(bundled_model, tiny(tmp_path, *small))
+    assert "the stream starts over" in caplog.text and store.norm_scale > 0
+    (tmp_path / "empty.txt").write_text("\n\n")
+    empty = [*STREAM, "data=local", f"data.path={tmp_path / 'empty.txt'}"]
+    with pytest.raises(ConfigError, match="holds no full window"):
+        get_activation_store(bundled_model, tiny(tmp_path, *empty))
+
+
+def test_stream_nan_names_window_and_position(bundled_model, tmp_path):
+    def poison(act, hook):
+        act = act.clone()
+        act[0, 5] = float("nan")  # window 0 of every batch, position 5
+        return act
+
+    with bundled_model.hooks(fwd_hooks=[("blocks.1.hook_resid_mid", poison)]):
+        with pytest.raises(
+            ActivationError, match=r"streamed, row 4: window 0 of the stream, position 5"
+        ):
+            get_activation_store(bundled_model, tiny(tmp_path, "layer.index=1", *STREAM))

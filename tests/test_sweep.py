@@ -1,0 +1,141 @@
+"""End to end through the Hydra entry point and the report, on the real bundled model:
+a smoke multirun in which one architecture is a new baseline added by config alone (a class
+and a YAML in a temporary folder: no package file is edited), then `benchmark.report`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from benchmark.run import reevaluate
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration
+
+NEW_BASELINE = '''
+"""A baseline that lives outside the package: ReLU SAE with a learned per-latent offset."""
+import torch
+from torch import nn
+
+from baselines.relu import ReLUSAE
+
+
+class ShiftedReLUSAE(ReLUSAE):
+    def __init__(self, d_in, d_sae, coefficient=0.0, shift_init=0.0):
+        super().__init__(d_in, d_sae, coefficient)
+        self.shift = nn.Parameter(torch.full((d_sae,), float(shift_init)))
+
+    def activate(self, pre):
+        return torch.relu(pre - self.shift)
+'''
+NEW_YAML = """
+# A new baseline: one class (my_saes/shifted.py) and this file; nothing else is registered.
+_target_: my_saes.shifted.ShiftedReLUSAE
+coefficient: ${oc.select:sparsity.coefficient,0.01}
+shift_init: 0.0
+"""
+RESULT_KEYS = {
+    "run_id", "status", "time", "git_commit", "package_versions", "device", "metrics_version",
+    "metric_definitions", "config", "choices", "model", "layer", "site", "sae", "sparsity",
+    "sparsity_mode", "target_l0", "coefficient", "seed", "d_in", "d_sae", "l0", "fvu",
+    "clean_ce_loss", "spliced_ce_loss", "zero_ce_loss", "delta_lm_loss", "ce_loss_recovered",
+    "kl_div", "frac_dead", "frac_freq_over_10pct", "frac_freq_over_1pct", "n_eval_tokens",
+    "train_tokens", "train_seconds", "train_tokens_per_s", "peak_memory_mb",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    (tmp / "my_saes").mkdir()
+    (tmp / "my_saes" / "__init__.py").write_text("")
+    (tmp / "my_saes" / "shifted.py").write_text(textwrap.dedent(NEW_BASELINE))
+    (tmp / "conf" / "sae").mkdir(parents=True)
+    (tmp / "conf" / "sae" / "shifted_relu.yaml").write_text(NEW_YAML)
+    env = {**os.environ, "PYTHONPATH": f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [
+        sys.executable, "-m", "benchmark.run", "-m", "+experiment=smoke",
+        f"hydra.searchpath=[file://{tmp / 'conf'}]", "sae=shifted_relu,topk",
+        "sparsity=l0_10,l0_20", f"results_dir={tmp / 'results'}", f"cache_dir={ROOT / '.cache'}",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = subprocess.run(
+        [sys.executable, "-m", "benchmark.report", str(tmp / "results" / "smoke"),
+         "--out", str(tmp / "report")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    return tmp, run.stdout + run.stderr, report.stdout
+
+
+def test_every_job_writes_a_complete_result_with_the_schema(sweep):
+    tmp, log, _ = sweep
+    results = sorted((tmp / "results" / "smoke").glob("*/result.json"))
+    assert len(results) == 4
+    for path in results:
+        r = json.loads(path.read_text())
+        assert r["status"] == "complete", r.get("error")
+        assert RESULT_KEYS <= set(r), RESULT_KEYS - set(r)
+        assert r["metrics_version"] and r["metric_definitions"]["fvu"]
+        assert r["sae"] in ("shifted_relu", "topk") and r["layer"] == 2
+        for f in ("sae.safetensors", "sae_config.yaml", "config.yaml", "firing_frequency.npy"):
+            assert (path.parent / f).exists(), f
+        assert not (path.parent / "checkpoint.pt").exists()
+    # the sweep's progress lines: one start and one end per job, then the summary
+    assert log.count("[sweep] job") == 8 and "[sweep] finished" in log
+
+
+def test_topk_hits_its_target_exactly_and_the_new_baseline_is_calibrated(sweep):
+    tmp, _, _ = sweep
+    runs = pd.read_csv(tmp / "report" / "table2_runs.csv")
+    topk = runs[runs.sae == "topk"].set_index("target_l0")
+    assert topk.loc[10, "l0"] == pytest.approx(10, abs=0.01)
+    assert topk.loc[20, "l0"] == pytest.approx(20, abs=0.01)
+    shifted = runs[runs.sae == "shifted_relu"]
+    assert len(shifted) == 2 and shifted.coefficient.notna().all()
+
+
+def test_matched_l0_table_interpolates_the_runs(sweep):
+    tmp, _, stdout = sweep
+    table = pd.read_csv(tmp / "report" / "table1_matched_l0.csv")
+    runs = pd.read_csv(tmp / "report" / "table2_runs.csv")
+    # TopK sits exactly at its targets, so the matched value is that run's own metric.
+    for target in (10, 20):
+        row = table[(table.sae == "topk") & (table.target_l0 == target)].iloc[0]
+        run = runs[(runs.sae == "topk") & (runs.target_l0 == target)].iloc[0]
+        assert row.delta_lm_loss == pytest.approx(run.delta_lm_loss, rel=1e-9)
+        assert row.fvu == pytest.approx(run.fvu, rel=1e-9)
+    assert set(table.sae) == {"shifted_relu", "topk"}
+    assert "delta_lm_loss" in stdout and "| topk |" in stdout
+    for fig in ("fig_delta_lm_loss_vs_l0", "fig_fvu_vs_l0", "fig_high_freq_vs_l0"):
+        assert (tmp / "report" / f"{fig}.png").stat().st_size > 10_000
+        assert (tmp / "report" / f"{fig}.pdf").exists()
+
+
+def test_reloaded_sae_reproduces_its_metrics_exactly(sweep):
+    tmp, _, _ = sweep
+    path = sorted((tmp / "results" / "smoke").glob("*topk_l0_10*/result.json"))[0]
+    saved = json.loads(path.read_text())
+    again = reevaluate(path.parent, device="cpu")
+    for key, value in again.items():
+        if isinstance(value, float) and math.isnan(value):
+            assert saved[key] is None
+        else:
+            assert value == saved[key], key
+
+
+def test_a_second_launch_skips_finished_jobs(sweep):
+    tmp, _, _ = sweep
+    env = {**os.environ, "PYTHONPATH": str(tmp)}
+    cmd = [sys.executable, "-m", "benchmark.run", "-m", "+experiment=smoke", "sae=topk",
+           "sparsity=l0_10", f"results_dir={tmp / 'results'}", f"cache_dir={ROOT / '.cache'}"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "already complete, skipped" in run.stdout + run.stderr
