@@ -18,10 +18,10 @@ import time
 import torch
 
 from benchmark.activations import get_activation_store
+from benchmark.compose import compose_config
 from benchmark.evaluate import SpliceStats
 from benchmark.saes import build_sae
 from benchmark.train import Sparsity, TrainConfig, train_sae
-from benchmark.compose import compose_config
 
 
 def parse_grid(items: list[str]) -> list[dict[str, str]]:
@@ -48,7 +48,9 @@ def main() -> None:
     train_store = get_activation_store(None, cfg, split="train")
     eval_store = get_activation_store(None, cfg, split="eval")
     x_eval = torch.cat(list(eval_store.batches(4096, seed=0, epochs=1, shuffle=False)))
-    print(f"train {train_store.n_tokens} tokens, eval {len(x_eval)}; c={train_store.norm_scale:.2f}")
+    print(
+        f"train {train_store.n_tokens} tokens, eval {len(x_eval)}; c={train_store.norm_scale:.2f}"
+    )
     for point in parse_grid(a.grid) or [{}]:
         overrides = [f"train.{k}={v}" for k, v in point.items()]
         for name in a.saes.split(","):
@@ -58,7 +60,7 @@ def main() -> None:
             tc = TrainConfig.from_dict(dict(cfg.train))
             sp = Sparsity(cfg.sparsity.mode, cfg.sparsity.target_l0)
             t = time.perf_counter()
-            res = train_sae(sae, lambda s: train_store.batches(tc.batch_size, seed=0), tc, sp,
+            res = train_sae(sae, lambda s, b=tc.batch_size: train_store.batches(b, seed=0), tc, sp,
                             progress=False)  # fmt: skip
             secs = time.perf_counter() - t
             stats = SpliceStats()
