@@ -28,6 +28,7 @@ class BatchTopKSAE(TopKSAE):
         if not 0.0 <= threshold_momentum < 1.0:
             raise ValueError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
         self.threshold_momentum = float(threshold_momentum)
+        self.threshold: Tensor
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
 
     def activate(self, pre: Tensor) -> Tensor:

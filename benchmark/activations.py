@@ -56,7 +56,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from itertools import islice
 from pathlib import Path
@@ -207,24 +207,28 @@ class StreamingStore:
 Store = ActivationStore | StreamingStore
 
 
-def get_activation_store(
+def get_activation_store(model: ModelArg, cfg: Any, split: Split = "train") -> Store:
+    """The activations of `cfg.layer.index` at `cfg.site` (see `get_activation_stores`)."""
+    return get_activation_stores(model, cfg, split, [cfg.site])[cfg.site.name]
+
+
+def get_activation_stores(
     model: ModelArg, cfg: Any, split: Split = "train", sites: Sequence[Any] | None = None
-) -> Store | dict[str, Store]:
-    """The cached activations of `cfg.layer.index` for `cfg.site` (or each of `sites`).
+) -> dict[str, Store]:
+    """The cached activations of `cfg.layer.index` for each of `sites` (default: `cfg.site`).
 
     `model`: a TransformerBridge, a zero-argument callable returning one, or None (then it is
     loaded from `cfg.model` on a cache miss only: a hit never loads a model). `split` picks
-    `data.n_train_tokens` or `data.n_eval_tokens`. With `sites=None` returns one store for
-    `cfg.site`; with a list of site configs (each with `name` and `hook`) harvests every
-    missing one in one pass and returns {site name: store}. With `data.stream: true` the train
-    split is a `StreamingStore` instead (one per site); the eval split is always cached.
+    `data.n_train_tokens` or `data.n_eval_tokens`. Site configs each have `name` and `hook`;
+    every missing one is harvested in the same forward pass. Returns {site name: store}. With
+    `data.stream: true` the train split is a `StreamingStore` instead (one per site); the eval
+    split is always cached.
     """
     site_cfgs = [cfg.site] if sites is None else list(sites)
     layer = cfg.layer.index
     hooks = {s.name: hook_name(cfg.model, layer, s) for s in site_cfgs}  # config errors first
     if split == "train" and cfg.data.get("stream", False):
-        streams = {s.name: _streaming_store(model, cfg, s) for s in site_cfgs}
-        return streams[cfg.site.name] if sites is None else streams
+        return {s.name: _streaming_store(model, cfg, s) for s in site_cfgs}
     n_tokens = _budget(cfg.data, split)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -244,10 +248,7 @@ def get_activation_store(
                 targets = [_Target(n, hooks[n], dirs[n], specs[n]) for n in todo]
                 _harvest(bridge, windows, layer, targets, cfg.data.get("harvest") or {})
                 harvested.update(todo)
-    stores = {
-        name: ActivationStore(d, from_cache=name not in harvested) for name, d in dirs.items()
-    }
-    return stores[cfg.site.name] if sites is None else stores
+    return {name: ActivationStore(d, from_cache=name not in harvested) for name, d in dirs.items()}
 
 
 def cache_key(spec: dict) -> str:
@@ -583,7 +584,7 @@ def _estimate_norm(bridge: Any, cfg: Any, site: Any, spec: dict, path: Path) -> 
 
 def _stream_rows(
     bridge: Any, data_cfg: Any, layer: int, site: str, hook: str
-) -> Iterator[torch.Tensor]:
+) -> Generator[torch.Tensor, None, None]:
     """Endless (rows, d_in) activations of the train windows in order, one forward batch
     (`data.harvest.batch_size` windows) at a time, BOS/EOS/pad rows dropped, on CPU."""
     batch = int((data_cfg.get("harvest") or {}).get("batch_size", 32))

@@ -42,6 +42,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -202,13 +203,13 @@ def summarize_seeds(
 
 def covers(l0: ArrayLike, targets: ArrayLike, tolerance: float = 0.1) -> np.ndarray:
     """Which targets a curve measured at ``l0`` covers: its range, widened by ``tolerance``."""
-    l0 = np.asarray(l0, dtype=float)
-    targets = np.asarray(targets, dtype=float)
-    l0 = l0[np.isfinite(l0) & (l0 > 0)]
-    if len(l0) == 0:
-        return np.zeros(targets.shape, dtype=bool)
+    points = np.asarray(l0, dtype=float)
+    wanted = np.asarray(targets, dtype=float)
+    points = points[np.isfinite(points) & (points > 0)]
+    if len(points) == 0:
+        return np.zeros(wanted.shape, dtype=bool)
     # |end - target| <= tolerance * target, solved for the target at each end of the range
-    return (targets >= l0.min() / (1 + tolerance)) & (targets <= l0.max() / (1 - tolerance))
+    return (wanted >= points.min() / (1 + tolerance)) & (wanted <= points.max() / (1 - tolerance))
 
 
 def interpolate_log_l0(
@@ -388,11 +389,14 @@ def plot_metric_vs_l0(df: pd.DataFrame, metric: str, ticks: Sequence[float]) -> 
         _log_l0_axis(ax, ticks)
     for ax in _first_column(panels):
         ax.set_ylabel(METRICS[metric].label)
-    legend = {}  # label -> handle, over every panel, in the order of the lines
+    legend: dict[str, Any] = {}  # label -> handle, over every panel, in the order of the lines
     for ax in panels.values():
         legend |= {label: handle for handle, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(
-        list(legend.values()), list(legend), loc="outside upper center", ncols=len(legend) or 1
+        list(legend.values()),
+        list(legend),
+        loc="outside upper center",  # type: ignore[call-overload]
+        ncols=len(legend) or 1,
     )
     return fig
 
@@ -417,7 +421,7 @@ def plot_firing_histograms(df: pd.DataFrame, near_l0: float) -> tuple[Figure, li
                 notes.append(f"no firing_frequency.npy in {run.run_dir}")
         alive = [freq[freq > 0] for _, freq in loaded if (freq > 0).any()]
         low = math.floor(min(np.log10(freq).min() for freq in alive)) if alive else -6
-        bins = np.linspace(min(low, -2), 0, 41)
+        bins = list(np.linspace(min(low, -2), 0, 41))
         for run, freq in loaded:
             label = _line_label(df, run.sae, run.d_sae)
             n_dead = int((freq == 0).sum())

@@ -42,7 +42,8 @@ class LazyModel:
     evaluation losses are cached loads it only for the spliced evaluation."""
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
-        self.cfg, self.device, self._model = cfg, device, None
+        self.cfg, self.device = cfg, device
+        self._model: Any = None
 
     def __call__(self):
         if self._model is None:

@@ -28,7 +28,7 @@ def target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
             yield path, node
         for key in node:
             if key != "hydra":
-                yield from target_nodes(node._get_node(key), f"{path}.{key}".lstrip("."))
+                yield from target_nodes(node._get_node(key), f"{path}.{key!s}".lstrip("."))
     elif isinstance(node, ListConfig):
         for i, item in enumerate(node):
             yield from target_nodes(item, f"{path}[{i}]")

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmark.activations import get_activation_store, read_sites  # noqa: E402
+from benchmark.activations import get_activation_stores, read_sites  # noqa: E402
 from benchmark.data import non_special_mask, token_windows  # noqa: E402
 from benchmark.models import load_model, resolve_device  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             run_cfg = cfg.copy()
             run_cfg.cache_dir = tmp
-            get_activation_store(bridge, run_cfg, sites=sites)
+            get_activation_stores(bridge, run_cfg, sites=sites)
 
     runs = {"bare": bare, "capture": capture, "run_with_cache": with_cache, "harvest": harvest}
     bare()  # warm-up

@@ -19,7 +19,13 @@ import pytest
 import torch
 
 from benchmark import activations
-from benchmark.activations import ActivationStore, StreamingStore, cache_key, get_activation_store
+from benchmark.activations import (
+    ActivationStore,
+    StreamingStore,
+    cache_key,
+    get_activation_store,
+    get_activation_stores,
+)
 from benchmark.data import non_special_mask, token_windows
 from benchmark.errors import ActivationError, ConfigError
 from tests.conftest import REPO, compose_config
@@ -66,7 +72,7 @@ def three_sites(bundled_model, tmp_path_factory):
     activations.read_sites = counting
     try:
         cfg = tiny(tmp_path_factory.mktemp("three"))
-        stores = get_activation_store(bundled_model, cfg, sites=site_cfgs())
+        stores = get_activation_stores(bundled_model, cfg, sites=site_cfgs())
     finally:
         activations.read_sites = read
     return cfg, stores, calls
