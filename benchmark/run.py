@@ -38,17 +38,24 @@ CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "
 
 
 class LazyModel:
-    """Loads the model on first use, so a run whose activations are cached and whose
-    evaluation losses are cached loads it only for the spliced evaluation."""
+    """Loads the model on first use, so a run whose activations are cached loads it only for
+    the spliced evaluation. Jobs that share a process (the basic launcher runs a sweep in one
+    process) share one loaded model per (model config, device, cache_dir)."""
+
+    _loaded: dict[str, Any] = {}
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self._model: Any = None
+        model = OmegaConf.to_yaml(cfg.model, resolve=True)
+        self.key = f"{model}|{device}|{cfg.cache_dir}"
 
     def __call__(self):
-        if self._model is None:
-            self._model = models.load_model(self.cfg.model, self.device, self.cfg.cache_dir)
-        return self._model
+        if self.key not in self._loaded:
+            self._loaded.clear()  # at most one model in memory
+            self._loaded[self.key] = models.load_model(
+                self.cfg.model, self.device, self.cfg.cache_dir
+            )
+        return self._loaded[self.key]
 
 
 def stage(name: str, out: Path) -> None:

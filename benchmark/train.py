@@ -14,9 +14,10 @@ Sparsity modes (recorded in the result):
 - "coefficient": fixed lambda with a linear warm-up 0 -> lambda over coefficient_warmup_steps.
 - "target_l0": lambda starts at the SAE's configured value and, during the first
   calibration_frac of the steps, follows log(lambda) += gain_t * log(L0_batch / target_l0) after
-  every step (an integral controller on the log of the L0 error), with gain_t annealed linearly
-  from calibration_gain to 0 over the phase; then it is frozen. With a linear lr decay over the
-  last steps, the L0 drift after the freeze stays small (measured: conf/train/cpu.yaml). There is no
+  every step (an integral controller on the log of the L0 error), gain_t = calibration_gain
+  (or annealed linearly to 0 over the phase with calibration_anneal); then it is frozen. With a
+  linear lr decay over the last steps, the L0 drift after the freeze stays small (measured:
+  conf/train/cpu.yaml). There is no
   separate lambda warm-up in this mode: the controller's start is the warm-up. Architectures
   without a coefficient (TopK: L0 = k) skip calibration.
 """
@@ -63,8 +64,10 @@ class TrainConfig:
     dead_window_tokens: int = 10_000_000
     calibration_frac: float = 0.25
     calibration_gain: float = 0.02
+    calibration_anneal: bool = True
     checkpoint_every: int = 0
     log_every: int = 100
+    param_lr_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
@@ -127,6 +130,15 @@ class TrainResult:
         return asdict(self)
 
 
+def _param_groups(sae: SparseAutoencoder, lr_scale: dict[str, float]) -> list[dict[str, Any]]:
+    """One Adam group per distinct lr scale; `lr_scale` maps parameter names (e.g.
+    "raw_threshold") to a multiplier of the recipe's lr. Names the SAE lacks are ignored."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in sae.named_parameters():
+        groups.setdefault(float(lr_scale.get(name, 1.0)), []).append(p)
+    return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
+
+
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Cosine warm-up from lr_warmup_start to 1, then optional decay to 0 at the end."""
     mult = 1.0
@@ -183,7 +195,9 @@ def train_sae(
     interrupted run in tests.
     """
     device = next(sae.parameters()).device
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    opt = torch.optim.Adam(
+        _param_groups(sae, cfg.param_lr_scale), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps
+    )
     state = TrainState(coefficient=sae.coefficient)
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if ckpt is not None and ckpt.exists():
@@ -202,7 +216,7 @@ def train_sae(
         if step == 0 and callable(init_b_pre):
             init_b_pre(x)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_multiplier(step, cfg)
+            group["lr"] = cfg.lr * lr_multiplier(step, cfg) * group["lr_scale"]
         dead = state.tokens_since_fired >= cfg.dead_window_tokens if sae.uses_dead_mask else None
         out = sae(x)
         terms = sae.loss(
@@ -228,10 +242,11 @@ def train_sae(
             state.tokens_since_fired[fired.any(dim=0)] = 0
         state.l0_ema = l0 if math.isnan(state.l0_ema) else 0.9 * state.l0_ema + 0.1 * l0
         if step < calibration_steps and sparsity.target_l0:
-            # Integral control on log lambda; the gain anneals linearly to 0 over the phase so
-            # lambda settles instead of stopping mid-swing when it is frozen.
+            # Integral control on log lambda (optionally with a gain annealed to 0).
             err = math.log(max(l0, 0.5) / sparsity.target_l0)
-            gain = cfg.calibration_gain * (1 - step / calibration_steps)
+            gain = cfg.calibration_gain
+            if cfg.calibration_anneal:
+                gain *= 1 - step / calibration_steps
             state.coefficient *= math.exp(gain * err)
         state.step = step + 1
 

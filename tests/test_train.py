@@ -173,3 +173,19 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="target_l0"):
         Sparsity("target_l0", None)
     assert math.isclose(cfg().total_steps, 60)
+
+
+def test_param_lr_scale_puts_a_parameter_in_its_own_group():
+    from benchmark.train import _param_groups
+
+    sae = build_sae(NODES["jumprelu"], D, 32)
+    groups = _param_groups(sae, {"raw_threshold": 0.1, "not_a_param": 5.0})
+    scales = {g["lr_scale"]: g["params"] for g in groups}
+    assert set(scales) == {1.0, 0.1}
+    assert scales[0.1] == [sae.raw_threshold]
+    before = sae.raw_threshold.detach().clone()
+    c = cfg(n_tokens=256, lr=1e-2, lr_warmup_steps=0, param_lr_scale={"raw_threshold": 0.1})
+    train_sae(sae, synthetic_batches(), c, Sparsity("coefficient"), progress=False)
+    # Adam's first step moves each element by ~lr (beta1 = 0): here 0.1 x 1e-2, or not at all.
+    moved = (sae.raw_threshold.detach() - before).abs()
+    assert moved.max() <= 1e-3 * 1.01 and moved.max() > 0
