@@ -64,7 +64,7 @@ class TrainConfig:
     dead_window_tokens: int = 10_000_000
     calibration_frac: float = 0.25
     calibration_gain: float = 0.02
-    calibration_anneal: bool = True
+    calibration_anneal: bool = False
     checkpoint_every: int = 0
     log_every: int = 100
     param_lr_scale: dict[str, float] = field(default_factory=dict)
