@@ -433,7 +433,7 @@ def plot_firing_histograms(df: pd.DataFrame, near_l0: float) -> tuple[Figure, li
             ax.legend(fontsize="small")
     for ax in _first_column(panels):
         ax.set_ylabel("latents")
-    fig.suptitle(f"Firing frequencies, run nearest L0 {near_l0:g} per architecture")
+    fig.suptitle(f"Firing frequencies\n(run nearest L0 {near_l0:g} per architecture)")
     return fig, notes
 
 
