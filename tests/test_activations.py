@@ -266,15 +266,17 @@ def test_corpus_errors(bundled_model, tmp_path, caplog):
     assert 0 < store.n_tokens < 2000 and "allow_fewer_tokens=true" in caplog.text
 
 
-def test_nan_names_shard_and_position(bundled_model, tmp_path):
-    # Poison the residual stream after attention: the MLP is per-position, so the NaN stays at
-    # position 5 (before attention it would spread: masked scores weigh NaN values by 0 -> NaN).
-    def poison(act, hook):
-        act = act.clone()
-        act[0, 5] = float("nan")  # window 0 of every batch, position 5
-        return act
+def _poison(act, hook):
+    """NaN at window 0 of every batch, position 5, in the residual stream after attention: the
+    MLP is per-position, so the NaN stays there (before attention it would spread: masked
+    scores weigh NaN values by 0 -> NaN)."""
+    act = act.clone()
+    act[0, 5] = float("nan")
+    return act
 
-    with bundled_model.hooks(fwd_hooks=[("blocks.1.hook_resid_mid", poison)]):
+
+def test_nan_names_shard_and_position(bundled_model, tmp_path):
+    with bundled_model.hooks(fwd_hooks=[("blocks.1.hook_resid_mid", _poison)]):
         with pytest.raises(
             ActivationError, match=r"shard 0 .*row 4: window 0 of the harvest, position 5"
         ):
@@ -360,12 +362,7 @@ def test_stream_starts_over_and_errors(bundled_model, tmp_path, caplog):
 
 
 def test_stream_nan_names_window_and_position(bundled_model, tmp_path):
-    def poison(act, hook):
-        act = act.clone()
-        act[0, 5] = float("nan")  # window 0 of every batch, position 5
-        return act
-
-    with bundled_model.hooks(fwd_hooks=[("blocks.1.hook_resid_mid", poison)]):
+    with bundled_model.hooks(fwd_hooks=[("blocks.1.hook_resid_mid", _poison)]):
         with pytest.raises(
             ActivationError, match=r"streamed, row 4: window 0 of the stream, position 5"
         ):
