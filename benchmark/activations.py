@@ -52,9 +52,7 @@ import functools
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -68,6 +66,7 @@ from filelock import FileLock, Timeout
 
 from benchmark.data import Split, data_identity, non_special_mask, stream_windows, token_windows
 from benchmark.errors import ActivationError, ConfigError
+from benchmark.fileio import atomic_write, write_json_atomic
 from benchmark.models import hook_name, load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -446,7 +445,7 @@ def _resume(t: _Target, plan: dict) -> int:
     t.path.mkdir(parents=True, exist_ok=True)
     for tmp in t.path.glob(".*"):  # temp files of writes cut short by the interruption
         tmp.unlink()
-    _write_json(plan_file, plan)
+    write_json_atomic(plan_file, plan)
     k = 0
     while (t.path / _shard_name(k)).is_file():
         k += 1
@@ -474,10 +473,11 @@ def _shard_name(k: int) -> str:
 
 
 def _write_shard(path: Path, k: int, x: torch.Tensor) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{_shard_name(k)}.", dir=path)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, _to_numpy(x))
-    os.replace(tmp, path / _shard_name(k))
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, _to_numpy(x))
+
+    atomic_write(path / _shard_name(k), save)
 
 
 def _write_manifest(t: _Target, keep: list[int], seconds: float) -> None:
@@ -511,7 +511,7 @@ def _write_manifest(t: _Target, keep: list[int], seconds: float) -> None:
         "harvest_seconds": round(seconds, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(t.path / MANIFEST, manifest)
+    write_json_atomic(t.path / MANIFEST, manifest)
     log.info(
         "cached %s: %d tokens, norm_scale %.4g", t.path.name, len(norms), manifest["norm_scale"]
     )
@@ -524,13 +524,6 @@ def _row_norms(path: Path, shards: list[dict], dtype: str) -> np.ndarray:
         x = _to_float32(np.load(path / s["file"]), dtype).double()  # (rows, d_in)
         norms.append(x.square().sum(dim=1).sqrt().numpy())
     return np.concatenate(norms)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ---- streaming ----
@@ -578,7 +571,7 @@ def _estimate_norm(bridge: Any, cfg: Any, site: Any, spec: dict, path: Path) -> 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path.mkdir(parents=True, exist_ok=True)
-    _write_json(path / NORM_FILE, norm)
+    write_json_atomic(path / NORM_FILE, norm)
     log.info("stream %s: norm_scale %.4g over %d tokens", path.name, norm["norm_scale"], have)
 
 

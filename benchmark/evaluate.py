@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from benchmark.fileio import write_json_atomic
 
 METRICS_VERSION = "1"
 METRIC_DEFINITIONS = {
@@ -134,10 +134,7 @@ def cached_scalar(path: Path | None, compute: Callable[[], float]) -> float:
         return float(json.loads(path.read_text())["value"])
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"value": value}, fh)
-    os.replace(tmp, path)
+    write_json_atomic(path, {"value": value})
     return value
 
 

@@ -13,13 +13,14 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmark.fileio import write_json_atomic
 
 RESULT = "result.json"
 PACKAGES = (
@@ -80,19 +81,6 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def write_json_atomic(path: Path, record: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_jsonable(record), fh, indent=1, sort_keys=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def read_result(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / RESULT
     try:
@@ -111,4 +99,5 @@ def write_result(run_dir: str | Path, record: dict[str, Any]) -> Path:
         kept = path.with_name(f"result.{stamp.replace(':', '')}.json")
         os.replace(path, kept)
         record = {**record, "replaces": kept.name}
-    return write_json_atomic(path, record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_json_atomic(path, _jsonable(record))

@@ -11,8 +11,6 @@ Must not know: the data, the model, the trainer.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from baselines.base import SparseAutoencoder
+from benchmark.fileio import atomic_write
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.yaml"
 
@@ -49,24 +48,13 @@ def build_sae(sae_cfg: DictConfig | dict[str, Any], d_in: int, d_sae: int) -> Sp
     return sae
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_sae(sae: SparseAutoencoder, folder: str | Path, node: DictConfig) -> Path:
     """Write sae.safetensors and sae_config.yaml into `folder` (atomically, file by file)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, p))
-    _atomic_write(folder / CONFIG, lambda p: OmegaConf.save(node, p))
+    atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, p))
+    atomic_write(folder / CONFIG, lambda p: OmegaConf.save(node, p))
     return folder
 
 

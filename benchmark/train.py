@@ -25,7 +25,6 @@ Sparsity modes (recorded in the result):
 from __future__ import annotations
 
 import math
-import os
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from baselines.base import SparseAutoencoder
+from benchmark.fileio import atomic_write
 
 BatchFactory = Callable[[int], Iterator[Tensor]]
 """batches(skip) -> an iterator of (batch, d_in) float tensors, starting after `skip` batches."""
@@ -166,9 +166,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _save_checkpoint(path: Path, sae, opt, state: TrainState) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
-    os.replace(tmp, path)  # never a half-written checkpoint
+    ckpt = {"sae": sae.state_dict(), "opt": opt.state_dict(), "state": state}
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # never a half-written checkpoint
 
 
 def _load_checkpoint(path: Path, sae, opt) -> TrainState:
