@@ -1,0 +1,57 @@
+"""The command line: ``python -m benchmark.report RESULTS_DIR [--out DIR] [--latex]
+[--targets 10,20,40] [--l0-tolerance X]``. Prints table 1, the problems and the files written."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmark.report.load import load_results
+from benchmark.report.tables import to_markdown
+from benchmark.report.write import TABLE1_TITLE, write_report
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmark.report", description=__doc__)
+    parser.add_argument("results_dir", type=Path, help="folder searched recursively for runs")
+    parser.add_argument("--out", type=Path, help="output folder (default RESULTS_DIR/report)")
+    parser.add_argument("--latex", action="store_true", help="also write table1_matched_l0.tex")
+    parser.add_argument("--targets", help="comma-separated L0 values for table 1, e.g. 10,20,40")
+    parser.add_argument(
+        "--l0-tolerance",
+        type=float,
+        default=0.0,
+        help="relative L0 distance within which a curve's end point fills a target outside "
+        "its measured range (marked † / from_endpoint; default 0: never)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    df, problems = load_results(args.results_dir)
+    if df.empty and problems.empty:
+        print(
+            f"error: no result.json or Hydra run folder under {args.results_dir}", file=sys.stderr
+        )
+        return 1
+    targets = [float(t) for t in args.targets.split(",")] if args.targets else None
+    out = args.out or args.results_dir / "report"
+    table, written, notes = write_report(df, problems, out, targets, args.latex, args.l0_tolerance)
+    if not table.empty:
+        print(f"# Matched-L0 table ({len(df)} complete runs)\n")
+        print(to_markdown(table, TABLE1_TITLE))
+    print(f"# Problems ({len(problems)})")
+    for run in problems.itertuples(index=False):
+        print(f"- {run.status}: {run.run_dir}: {run.reason}")
+    for note in notes:
+        print(f"note: {note}")
+    print("\n# Written")
+    print("\n".join(f"- {path}" for path in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

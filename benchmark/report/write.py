@@ -1,0 +1,72 @@
+"""Writing the report: every table (CSV, markdown, LaTeX when asked) and figure (PNG, PDF)
+under one folder, one set of figures per model when the runs hold several models.
+
+Owns the file names. Composes ``stats``, ``tables``, ``figures`` and ``training``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from benchmark.report.figures import CURVE_FIGURES, plot_firing_histograms, plot_metric_vs_l0
+from benchmark.report.stats import default_targets, matched_l0_table
+from benchmark.report.tables import runs_table, to_latex, to_markdown
+from benchmark.report.training import plot_training_history
+
+TABLE1_TITLE = "Table 1: metrics at matched L0 (mean ± 95% t-interval over seeds). "
+TABLE2_TITLE = "Table 2: every run. "
+
+
+def write_report(
+    df: pd.DataFrame,
+    problems: pd.DataFrame,
+    out: Path,
+    targets: Sequence[float] | None = None,
+    latex: bool = False,
+    l0_tolerance: float = 0.0,
+) -> tuple[pd.DataFrame, list[Path], list[str]]:
+    """Write every table and figure under ``out``; (table 1, paths written, notes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "problems.csv"]
+    problems.to_csv(written[0], index=False)
+    if df.empty:
+        return pd.DataFrame(), written, ["no complete runs: no tables or figures"]
+    targets = default_targets(df) if targets is None else sorted(targets)
+    table = matched_l0_table(df, targets, l0_tolerance=l0_tolerance)
+    written += write_table(table, out / "table1_matched_l0", latex, TABLE1_TITLE)
+    written += write_table(runs_table(df), out / "table2_runs", False, TABLE2_TITLE)
+    notes = []
+    for model, runs in df.groupby("model", sort=True):
+        suffix = "" if df["model"].nunique() == 1 else f"_{model}"
+        for name, metric in CURVE_FIGURES.items():
+            written += save(plot_metric_vs_l0(runs, metric, targets), out / f"{name}{suffix}")
+        figure, missing = plot_firing_histograms(runs, float(np.median(targets)))
+        written += save(figure, out / f"fig_firing_histograms{suffix}")
+        notes += missing
+        history = plot_training_history(runs)
+        if history is not None:
+            written += save(history, out / f"fig_training{suffix}")
+    return table, written, notes
+
+
+def write_table(table: pd.DataFrame, stem: Path, latex: bool, title: str = "") -> list[Path]:
+    """``stem``.csv (every column, numbers in full), .md, and .tex when asked."""
+    paths = [stem.with_suffix(".csv"), stem.with_suffix(".md")]
+    table.to_csv(paths[0], index=False)
+    paths[1].write_text(to_markdown(table, title))
+    if latex:
+        paths.append(stem.with_suffix(".tex"))
+        paths[-1].write_text(to_latex(table))
+    return paths
+
+
+def save(fig: Figure, stem: Path) -> list[Path]:
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    return paths
