@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from benchmark.errors import ConfigError
 from benchmark.saes import build_sae
-from benchmark.train import Sparsity, TrainConfig, TrainingDiverged, lr_multiplier, train_sae
+from benchmark.train import (
+    NON_TRAINER_KEYS,
+    Sparsity,
+    TrainConfig,
+    TrainingDiverged,
+    lr_multiplier,
+    train_sae,
+    write_history,
+)
+from tests.helpers import compose_config
 
 D, N_TRUE = 16, 64
 
@@ -93,7 +105,7 @@ def test_resume_gives_identical_weights(tmp_path):
 
     c = cfg(checkpoint_every=7)
     full = fresh()
-    train_sae(full, synthetic_batches(), c, Sparsity("target_l0", 4.0), progress=False)
+    r_full = train_sae(full, synthetic_batches(), c, Sparsity("target_l0", 4.0), progress=False)
     ckpt = tmp_path / "ckpt.pt"
     part = fresh()
     train_sae(part, synthetic_batches(), c, Sparsity("target_l0", 4.0), checkpoint_path=ckpt,
@@ -104,6 +116,7 @@ def test_resume_gives_identical_weights(tmp_path):
     assert res.steps == c.total_steps
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+    assert res.history == r_full.history  # the rows before the interruption came back too
 
 
 def test_resume_of_calibrating_jumprelu_identical(tmp_path):
@@ -189,3 +202,161 @@ def test_param_lr_scale_puts_a_parameter_in_its_own_group():
     # Adam's first step moves each element by ~lr (beta1 = 0): here 0.1 x 1e-2, or not at all.
     moved = (sae.raw_threshold.detach() - before).abs()
     assert moved.max() <= 1e-3 * 1.01 and moved.max() > 0
+
+
+# --- strict config ------------------------------------------------------------------------
+
+
+def test_from_dict_rejects_an_unknown_key_naming_it_and_the_valid_keys():
+    d = {"n_tokens": 1024, "batch_size": 256, "lr": 1e-3, "name": "cpu", "width": None,
+         "width_factor": 8, "jumprelu": {"bandwidth": 0.03, "threshold_init": 0.05}}  # fmt: skip
+    assert set(NON_TRAINER_KEYS) <= set(d) and TrainConfig.from_dict(d).lr == 1e-3
+    with pytest.raises(ConfigError, match=r"train\.dead_window_token\b") as err:
+        TrainConfig.from_dict({**d, "dead_window_token": 5000})  # typo: silently ignored before
+    assert "valid keys:" in str(err.value)
+    assert all(k in str(err.value) for k in ("dead_window_tokens", "dead_window_frac", "lr"))
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("lr", "abc"), ("lr", float("nan")), ("lr", 0.0), ("batch_size", 0), ("batch_size", 2.5),
+     ("adam_betas", (0.9, 1.0)), ("adam_eps", 0.0), ("lr_warmup_steps", -1),
+     ("lr_decay_frac", 1.5), ("calibration_frac", -0.1), ("calibration_gain", float("inf")),
+     ("dead_window_tokens", 0), ("dead_window_frac", 0.0), ("checkpoint_every", -1),
+     ("log_every", 0), ("grad_clip", 0.0), ("param_lr_scale", {"raw_threshold": float("nan")})],
+)  # fmt: skip
+def test_bad_values_raise_config_error_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"^train\.{key}\S* must be .*got"):
+        TrainConfig.from_dict({"n_tokens": 4096, "batch_size": 256, key: value})
+
+
+def test_lr_abc_fails_with_one_clear_message():
+    with pytest.raises(ConfigError) as err:
+        cfg(lr="abc")
+    assert str(err.value) == "train.lr must be a finite number > 0, got 'abc'"
+
+
+@pytest.mark.parametrize(
+    "overrides,window",
+    [(["train=paper"], 10_000_000), (["train=cpu"], 150_000), (["train=smoke"], 2048),
+     (["+experiment=quickstart"], 40_000)],
+)  # fmt: skip
+def test_every_recipe_passes_from_dict_with_its_documented_dead_window(overrides, window):
+    train = OmegaConf.to_container(compose_config(overrides).train, resolve=True)
+    assert TrainConfig.from_dict(train).dead_window == window  # type: ignore[arg-type]
+
+
+# --- dead-latent window -------------------------------------------------------------------
+
+
+def test_dead_window_scales_with_the_run_capped_and_at_least_one_batch():
+    quickstart = TrainConfig(n_tokens=160_000, batch_size=512, dead_window_tokens=200_000,
+                             dead_window_frac=0.25)  # fmt: skip
+    assert quickstart.dead_window == 40_000
+    assert TrainConfig(n_tokens=160_000, batch_size=512, dead_window_tokens=200_000).dead_window \
+        == 200_000  # fmt: skip
+    assert cfg(dead_window_tokens=1000, dead_window_frac=0.5).dead_window == 1000  # the cap
+    assert cfg(dead_window_frac=1e-6).dead_window == 256  # one batch at least
+
+
+def test_dead_window_frac_switches_auxk_on_in_a_run_shorter_than_the_cap():
+    torch.manual_seed(0)
+    sae = build_sae(NODES["topk"], D, 64)
+    with torch.no_grad():  # latent 0 can never reach the top-k: it is dead by construction
+        sae.W_enc[:, 0] = 0.0
+        sae.b_enc[0] = -100.0
+    masks = []
+    loss = sae.loss
+
+    def spy(x, **kw):
+        masks.append(kw["dead_mask"].clone())
+        return loss(x, **kw)
+
+    sae.loss = spy  # type: ignore[method-assign]
+    # The cap alone (200k tokens) is longer than the run (10k): AuxK would never switch on.
+    c = cfg(n_tokens=256 * 40, dead_window_tokens=200_000, dead_window_frac=0.25)
+    res = train_sae(sae, synthetic_batches(), c, Sparsity("target_l0", 4.0), progress=False)
+    assert res.dead_window_tokens == c.dead_window == 2560  # 10 steps of 256
+    assert not any(m.any() for m in masks[:10])
+    assert all(m[0] for m in masks[10:])  # dead from the first step after the window
+    assert res.final_frac_dead >= 1 / 64
+    assert all(r["auxk"] > 0 for r in res.history if r["step"] > 10)
+
+
+# --- NaN guard on gradients and parameters ------------------------------------------------
+
+
+def test_inf_gradient_with_finite_loss_stops_before_the_step(tmp_path):
+    torch.manual_seed(0)
+    sae = build_sae(NODES["relu"], D, 32)
+    ckpt = tmp_path / "ckpt.pt"
+    calls, seen = itertools.count(), {}
+
+    def poison(grad):  # a tensor hook on W_enc: its gradient at step 14 holds an inf
+        if next(calls) != 14:
+            return grad
+        seen["ckpt"] = ckpt.read_bytes()  # the step-10 checkpoint
+        seen["weights"] = {k: v.clone() for k, v in sae.state_dict().items()}
+        grad = grad.clone()
+        grad[0, 0] = float("inf")
+        return grad
+
+    sae.W_enc.register_hook(poison)
+    with pytest.raises(TrainingDiverged, match="non-finite gradient of W_enc at step 14"):
+        train_sae(sae, synthetic_batches(), cfg(checkpoint_every=5), Sparsity("coefficient"),
+                  checkpoint_path=ckpt, progress=False)  # fmt: skip
+    # Before: Adam turned the inf into NaN weights, saved by the step-15 checkpoint.
+    assert ckpt.read_bytes() == seen["ckpt"]
+    assert torch.load(ckpt, weights_only=False)["state"].step == 10
+    for k, v in sae.state_dict().items():
+        assert torch.equal(v, seen["weights"][k]), k  # no step was taken
+
+
+def test_non_finite_parameter_after_a_step_is_never_checkpointed(tmp_path):
+    torch.manual_seed(0)
+    sae = build_sae(NODES["relu"], D, 32)
+    ckpt = tmp_path / "ckpt.pt"
+    calls = itertools.count()
+    after = sae.after_optimizer_step
+
+    def corrupt():  # stands in for a projection that divides by zero
+        after()
+        if next(calls) == 9:
+            sae.b_enc.data[3] = float("nan")
+
+    sae.after_optimizer_step = corrupt  # type: ignore[method-assign]
+    with pytest.raises(TrainingDiverged, match="non-finite parameter b_enc at step 9"):
+        train_sae(sae, synthetic_batches(), cfg(checkpoint_every=5), Sparsity("coefficient"),
+                  checkpoint_path=ckpt, progress=False)  # fmt: skip
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["state"].step == 5  # before: the step-10 checkpoint held the NaN
+    assert all(torch.isfinite(v).all() for v in saved["sae"].values())
+
+
+# --- history ------------------------------------------------------------------------------
+
+
+def test_history_csv_has_every_column_and_monotone_tokens(tmp_path):
+    torch.manual_seed(0)
+    sae = build_sae(NODES["topk"], D, 64)
+    c = cfg(n_tokens=256 * 25, log_every=10, dead_window_frac=0.25)
+    res = train_sae(sae, synthetic_batches(), c, Sparsity("target_l0", 4.0), progress=False)
+    path = write_history(tmp_path / "history.csv", res.history)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert set(rows[0]) == {"step", "tokens", "lr", "coefficient", "l0", "l0_ema", "mse", "fvu",
+                            "loss", "auxk", "frac_dead"}  # fmt: skip
+    assert [int(r["step"]) for r in rows] == [1, 10, 20, 25]  # step 1 too: short runs get rows
+    assert [int(r["tokens"]) for r in rows] == [256, 2560, 5120, 6400]
+    assert float(rows[0]["lr"]) == pytest.approx(c.lr * lr_multiplier(0, c))
+    assert float(rows[-1]["frac_dead"]) == res.final_frac_dead
+    assert res.dead_window_tokens == 1600
+
+
+def test_history_coefficient_is_the_lambda_used_in_the_step():
+    sae = build_sae(NODES["relu"], D, 32)
+    c = cfg(n_tokens=256 * 20, log_every=5)
+    res = train_sae(sae, synthetic_batches(), c, Sparsity("coefficient"), progress=False)
+    # Linear warm-up over 10 steps: the row of step s used lambda at step index s - 1.
+    assert [r["coefficient"] for r in res.history] == pytest.approx([0.0, 4e-3, 9e-3, 1e-2, 1e-2])
