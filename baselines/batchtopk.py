@@ -12,6 +12,8 @@ one YAML, conf/sae/batchtopk.yaml.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -23,8 +25,19 @@ class BatchTopKSAE(TopKSAE):
 
     activation_unit_params = ("b_enc", "b_dec", "threshold")
 
-    def __init__(self, *args, threshold_momentum: float = 0.99, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        k_aux: int | None = None,
+        aux_coefficient: float = 1 / 32,
+        b_pre_init: Literal["geometric_median", "mean", "zero"] = "geometric_median",
+        threshold_momentum: float = 0.99,
+    ) -> None:
+        # An explicit signature (not *args, **kwargs), so that a typo in conf/sae/batchtopk.yaml
+        # is caught by the config check before any work.
+        super().__init__(d_in, d_sae, k, k_aux, aux_coefficient, b_pre_init)
         if not 0.0 <= threshold_momentum < 1.0:
             raise ValueError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
         self.threshold_momentum = float(threshold_momentum)

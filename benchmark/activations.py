@@ -264,11 +264,23 @@ def cache_key(spec: dict) -> str:
 # ---- key ----
 
 
-def _spec(cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: torch.dtype) -> dict:
+def _model_spec(cfg: Any, dtype: torch.dtype) -> dict:
     model = {k: cfg.model.get(k) for k in ("name", "source", "path", "architecture", "bos_token")}
+    return {**model, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def model_key(cfg: Any) -> str:
+    """`<model name>-<hash>` of everything that changes the model's outputs (source, path,
+    architecture, BOS token, resolved dtype): the same model spec as the activation cache's
+    key, used to key cached clean and zero-ablation losses."""
+    dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.device))
+    return f"{cfg.model.name}-{_digest(_model_spec(cfg, dtype))}"
+
+
+def _spec(cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: torch.dtype) -> dict:
     return {
         "format": CACHE_FORMAT,
-        "model": {**model, "dtype": str(dtype).removeprefix("torch.")},
+        "model": _model_spec(cfg, dtype),
         "layer": layer,
         "site": {"name": site.name, "hook": site.hook},
         "data": data_identity(cfg.data),

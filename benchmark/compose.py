@@ -11,6 +11,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import benchmark.identity  # noqa: F401  (registers the ${run_name:} resolver)
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 

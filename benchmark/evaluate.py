@@ -1,12 +1,17 @@
 """Evaluation of one SAE on held-out tokens: the paper's metrics, with the SAE spliced into the LM.
 
-Owns the metric definitions (METRIC_DEFINITIONS, versioned by METRICS_VERSION and written into
-every result) and the splice. Must not know the trainer, Hydra, or any architecture: the SAE is
+Owns the computation of the metrics whose definitions live in `benchmark.metrics` (one registry,
+read by the report too) and the splice. Two sets (see benchmark.metrics): `activation_metrics`
+encodes a large held-out activation set with the SAE alone (L0, FVU, firing frequencies);
+`evaluate_sae` runs the LM clean and spliced on the LM set (cross-entropy metrics). Must not know the trainer, Hydra, or any architecture: the SAE is
 any module whose forward returns an `SAEOutput` on *raw* activations (normalisation folded in).
 
 Positions: `mask` (N, T) marks the positions that count; BOS (and EOS/pad) positions are False.
 At masked-out positions the splice keeps the original activation, and no metric averages over
-them. Next-token cross-entropy at position t predicts token t+1 and counts where mask[:, t].
+them. Next-token cross-entropy at position t predicts token t+1 and counts where mask[:, t] and
+mask[:, t + 1] both hold: a position whose *target* is BOS (a document boundary inside a
+window) is not scored either, since predicting the separator is not language modelling (it
+scored ~11.5 nats on SmolLM2, ~1% of the clean loss from 0.4% of positions).
 
 One pass per batch of evaluation windows: the clean forward (for KL and the clean loss) and the
 spliced forward (the SAE reads the clean activation at the hook, which is also where FVU, L0 and
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,26 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.fileio import write_json_atomic
+from benchmark.metrics import CE_RECOVERED_MIN_GAP, METRICS_VERSION, definitions
 
-METRICS_VERSION = "1"
-METRIC_DEFINITIONS = {
-    "l0": "mean over evaluation tokens (BOS/EOS/pad excluded) of the number of latents > 0",
-    "fvu": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the whole evaluation set, "
-    "dataset mean, float64 accumulation (not per batch)",
-    "clean_ce_loss": "mean next-token cross-entropy (nats) of the unmodified model over "
-    "positions whose input token is not BOS/EOS/pad",
-    "spliced_ce_loss": "same positions, with the SAE reconstruction replacing the activation at "
-    "the hook for every non-BOS/EOS/pad position (those keep the original activation)",
-    "zero_ce_loss": "same positions, with zeros spliced in instead of the reconstruction",
-    "delta_lm_loss": "spliced_ce_loss - clean_ce_loss (the paper's headline metric)",
-    "ce_loss_recovered": "(zero_ce_loss - spliced_ce_loss) / (zero_ce_loss - clean_ce_loss)",
-    "kl_div": "mean over the same positions of KL(clean || spliced) of the next-token "
-    "distributions (nats)",
-    "firing_frequency": "per latent: fraction of evaluation tokens on which it is > 0",
-    "frac_dead": "fraction of latents that never fire on the evaluation tokens",
-    "frac_freq_over_10pct": "fraction of latents firing on more than 10% of evaluation tokens",
-    "frac_freq_over_1pct": "fraction of latents firing on more than 1% of evaluation tokens",
-}
+__all__ = ["METRICS_VERSION", "METRIC_DEFINITIONS", "activation_metrics", "evaluate_sae"]
+
+METRIC_DEFINITIONS = definitions()
 
 
 @dataclass
@@ -96,9 +86,14 @@ def _run(model, tokens: Tensor, hooks: list) -> Tensor:
     return model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
 
 
+def scored_positions(mask: Tensor) -> Tensor:
+    """(B, T) -> (B, T-1): predictor positions t whose input t and target t+1 both count."""
+    return mask[:, :-1] & mask[:, 1:]
+
+
 def _ce_sum(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
-    """[sum of CE, count] over predictor positions t with mask[:, t] (float64)."""
-    pm = mask[:, :-1]
+    """[sum of CE, count] over the scored predictor positions (float64)."""
+    pm = scored_positions(mask)
     return torch.stack([next_token_losses(logits, tokens)[pm].double().sum(), pm.sum().double()])
 
 
@@ -154,11 +149,14 @@ def evaluate_sae(
     cache_dir: str | Path | None = None,
     model_key: str = "model",
     kl_div: bool = True,
-) -> tuple[dict[str, float], Tensor]:
-    """The paper's metrics for `sae` spliced at `hook` on `tokens` (N, T).
+) -> dict[str, float | None]:
+    """The paper's LM metrics for `sae` spliced at `hook` on `tokens` (N, T).
 
-    model_key names the model for the cached clean loss (the zero-ablation cache adds the hook);
-    with no cache_dir both are computed here. Returns (metrics, firing_frequency (d_sae,)).
+    model_key identifies the model for the cached clean loss (the zero-ablation cache adds the
+    hook): it must name everything that changes the model's outputs (source, path, dtype, BOS;
+    `activations.model_key`), since the eval tokens' digest covers only the tokens. With no
+    cache_dir both are computed here. Returns the LM-set metrics (`splice_l0` and `n_lm_tokens`
+    included; L0, FVU and frequencies come from `activation_metrics`).
     """
     stats = SpliceStats()
 
@@ -180,15 +178,17 @@ def evaluate_sae(
         if kl_div:
             clean_logits = _run(model, t, [])
             clean += _ce_sum(clean_logits, t, m).cpu()
-            pm = m[:, :-1]
+            pm = scored_positions(m)
             lp_clean = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)[pm]  # (n, V)
             lp_spliced = F.log_softmax(logits[:, :-1].float(), dim=-1)[pm]
             kl_sum += (lp_clean.exp() * (lp_clean - lp_spliced)).sum().item()
 
     digest = tokens_digest(tokens)
     folder = Path(cache_dir) / "losses" if cache_dir is not None else None
-    clean_path = folder / f"clean-{model_key}-{digest}.json" if folder else None
-    zero_path = folder / f"zero-{model_key}-{hook}-{digest}.json" if folder else None
+    # The metrics version is in the key: a change in which positions are scored changes both.
+    stem = f"v{METRICS_VERSION}-{model_key}"
+    clean_path = folder / f"clean-{stem}-{digest}.json" if folder else None
+    zero_path = folder / f"zero-{stem}-{hook}-{digest}.json" if folder else None
     if kl_div:  # the clean loss came out of this pass; keep it for runs without KL
         clean_ce = (clean[0] / clean[1]).item()
         cached_scalar(clean_path, lambda: clean_ce)
@@ -198,20 +198,40 @@ def evaluate_sae(
         zero_path, lambda: mean_ce(model, tokens, mask, batch_size, hook, zero_splice)
     )
     spliced_ce = (spliced[0] / spliced[1]).item()
-    assert stats.fired is not None, "no evaluation position passed the mask"
-    freq = stats.fired.double().cpu() / stats.n
-    metrics: dict[str, float] = {
-        "l0": stats.active / stats.n,
-        "fvu": stats.fvu(),
+    assert stats.n > 0, "no evaluation position passed the mask"
+    gap = zero_ce - clean_ce
+    return {
         "clean_ce_loss": clean_ce,
         "spliced_ce_loss": spliced_ce,
         "zero_ce_loss": zero_ce,
         "delta_lm_loss": spliced_ce - clean_ce,
-        "ce_loss_recovered": (zero_ce - spliced_ce) / (zero_ce - clean_ce),
+        "ce_loss_recovered": (zero_ce - spliced_ce) / gap if gap >= CE_RECOVERED_MIN_GAP else None,
         "kl_div": kl_sum / clean[1].item() if kl_div else float("nan"),
+        "splice_l0": stats.active / stats.n,
+        "n_lm_tokens": float(spliced[1].item()),
+    }
+
+
+@torch.no_grad()
+def activation_metrics(
+    sae: nn.Module, batches: Iterable[Tensor], device: torch.device | str = "cpu"
+) -> tuple[dict[str, float], Tensor]:
+    """L0, FVU and firing-frequency statistics of `sae` on raw (unnormalised) activation
+    batches (n, d_in): the held-out activation set. Returns (metrics, firing_frequency)."""
+    stats = SpliceStats()
+    for x in batches:
+        x = x.to(device)
+        out = sae(x)
+        stats.add(x, out.x_hat, out.f)
+    if stats.fired is None:
+        raise ValueError("activation_metrics: no activations to evaluate on")
+    freq = stats.fired.double().cpu() / stats.n
+    metrics = {
+        "l0": stats.active / stats.n,
+        "fvu": stats.fvu(),
         "frac_dead": (freq == 0).double().mean().item(),
         "frac_freq_over_10pct": (freq > 0.10).double().mean().item(),
         "frac_freq_over_1pct": (freq > 0.01).double().mean().item(),
-        "n_eval_tokens": float(stats.n),
+        "n_activation_tokens": float(stats.n),
     }
     return metrics, freq

@@ -1,8 +1,10 @@
 """One flat result.json per run, written atomically, with full provenance.
 
-Owns: the result record's provenance fields (git commit, time, package versions, device) and
-its on-disk form. A finished run's folder holds result.json, sae.safetensors + sae_config.yaml
-(normalisation folded in), firing_frequency.npy and config.yaml (the resolved config).
+Owns: the result record (`ResultRecord`, a typed object written as one flat JSON level with the
+metrics at the top), its provenance fields (git commit, time, package versions, device) and its
+on-disk form. A finished run's folder holds result.json, sae.safetensors + sae_config.yaml
+(normalisation folded in), firing_frequency.npy (on the held-out activation set), history.csv
+(the training trajectory) and config.yaml (the resolved config).
 Must not know how metrics are computed; it stores what it is given.
 """
 
@@ -13,6 +15,7 @@ import math
 import os
 import platform
 import subprocess
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -71,6 +74,58 @@ def provenance(device: torch.device) -> dict[str, Any]:
     }
 
 
+@dataclass
+class ResultRecord:
+    """What one run wrote. `to_json()` flattens `metrics` into the top level (SAEBench-style)."""
+
+    run_id: str  # the folder name (readable, ends in config_hash[:8])
+    config_hash: str  # identity of the config (benchmark.identity): what a table cell is keyed by
+    curve_hash: str  # the config without sparsity value and seed: one curve in the report
+    status: str  # complete | failed
+    experiment: str
+    model: str
+    layer: int
+    layer_name: str
+    site: str
+    hook: str
+    sae: str  # the conf/sae choice
+    sparsity: str  # the conf/sparsity choice
+    sparsity_mode: str  # target_l0 | coefficient
+    target_l0: float | None
+    sparsity_coefficient: float | None  # the fixed lambda in coefficient mode
+    coefficient: float | None  # the final lambda (calibrated in target_l0 mode)
+    seed: int
+    d_in: int
+    d_sae: int
+    norm_scale: float
+    activation_cache: str
+    activation_source: str  # cache | stream
+    eval_activation_cache: str  # the held-out activation set's cache key
+    metrics_version: str
+    metric_definitions: dict[str, str]
+    metrics: dict[str, float | None]  # flattened into the top level on disk
+    dead_window_tokens: int  # the trainer's window for train_frac_dead (and AuxK)
+    train_l0: float
+    train_tokens: int
+    train_seconds: float
+    train_tokens_per_s: float
+    peak_memory_mb: float
+    wall_seconds: float
+    resumed_from_step: int  # 0 unless the run resumed from a checkpoint
+    choices: dict[str, Any]
+    config: dict[str, Any]
+    run_dir: str
+    history_file: str | None = "history.csv"
+    trained_in_group: str | None = None  # fan-out group id, when trained beside other SAEs
+    error: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)  # flattened too
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {**d.pop("provenance"), **{k: v for k, v in d.items() if k != "metrics"},
+                **self.metrics}  # fmt: skip
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN; null reads back as NaN in the report
@@ -89,9 +144,11 @@ def read_result(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def write_result(run_dir: str | Path, record: dict[str, Any]) -> Path:
+def write_result(run_dir: str | Path, record: dict[str, Any] | ResultRecord) -> Path:
     """Write result.json atomically. An existing one is never overwritten silently: it is kept
     as result.<its time>.json and the new record names it under "replaces"."""
+    if isinstance(record, ResultRecord):
+        record = record.to_json()
     path = Path(run_dir) / RESULT
     old = read_result(run_dir)
     if path.exists():

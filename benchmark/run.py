@@ -5,17 +5,23 @@
     python -m benchmark.run -m +experiment=quickstart
 
 Owns the order of the stages and the run folder; every `_target_` lives in conf/, not here.
-A run folder that already holds a complete result.json is skipped (so an interrupted sweep,
-re-launched with the same command, resumes where it stopped); `rerun=true` re-runs it and keeps
-the old result beside the new. Training checkpoints (train.checkpoint_every) resume a killed
-run in the same folder.
+A run's folder is named by its config (benchmark/identity.py), single run or sweep job alike.
+A folder that already holds a complete result.json of the same config is skipped (so an
+interrupted sweep, re-launched with the same command, resumes where it stopped; a result from
+other code is reused with a warning); `rerun=true` re-runs it and keeps the old result beside
+the new. Training checkpoints (train.checkpoint_every) resume a killed run in the same folder.
+Every check that needs no model or data (`plan_run`) runs before the first heavy step; a user
+error (ConfigError) prints one line and exits with status 2.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +32,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark import activations, data, models
-from benchmark.evaluate import METRIC_DEFINITIONS, METRICS_VERSION, evaluate_sae
-from benchmark.results import provenance, read_result, write_result
+from baselines.base import SparseAutoencoder
+from benchmark import activations, data, identity, models
+from benchmark.errors import ConfigError
+from benchmark.evaluate import activation_metrics, evaluate_sae
+from benchmark.fileio import DiskFullError
+from benchmark.metrics import METRICS_VERSION, definitions
+from benchmark.results import ResultRecord, git_commit, provenance, read_result, write_result
 from benchmark.saes import build_sae, load_sae, sae_node, save_sae
-from benchmark.train import Sparsity, TrainConfig, train_sae
-from benchmark.validate import check_run, dictionary_size
+from benchmark.train import Sparsity, TrainConfig, train_sae, write_history
+from benchmark.validate import check_run, dictionary_size, site_width
 
 log = logging.getLogger("benchmark.run")
 CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
@@ -63,102 +73,177 @@ def stage(name: str, out: Path) -> None:
     log.info("[%s] %s", out.name, name)
 
 
-def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> dict[str, Any]:
-    t_start = time.perf_counter()
+@dataclass
+class Plan:
+    """Everything a run needs that can be built and checked in a second, before any model,
+    data or training work: a bad value anywhere fails here, not after the harvest."""
+
+    train: TrainConfig
+    sparsity: Sparsity
+    sae: SparseAutoencoder
+    node: DictConfig  # the resolved SAE node (saved beside the weights)
+    d_in: int
+    d_sae: int
+    config_hash: str
+    curve_hash: str
+
+
+def plan_run(cfg: DictConfig) -> Plan:
     check_run(cfg)
-    hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
+    train_cfg = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))  # type: ignore[arg-type]
+    sparsity = Sparsity(cfg.sparsity.mode, cfg.sparsity.get("target_l0"))
+    d_in = site_width(cfg)
+    d_sae = dictionary_size(cfg, d_in)
+    # The seed is set right before the SAE is built, so its initial weights do not depend on
+    # whether this run harvested (or on anything else that draws random numbers first).
+    torch.manual_seed(int(cfg.seed))
+    sae = build_sae(cfg.sae, d_in, d_sae)
+    return Plan(
+        train_cfg, sparsity, sae, sae_node(cfg.sae, d_in, d_sae), d_in, d_sae,
+        identity.config_hash(cfg), identity.curve_hash(cfg),
+    )  # fmt: skip
+
+
+def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
+    t_start = time.perf_counter()
+    plan = plan_run(cfg)
     device = models.resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     model = LazyModel(cfg, device)
+    # The hook is checked against the loaded model's hook names on every run (a cache hit
+    # too); the model is needed for the spliced evaluation anyway.
+    hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site, bridge=model())
 
     stage("activations", out)
     store = activations.get_activation_store(model, cfg, split="train")
-    d_sae = dictionary_size(cfg, store.d_in)
-    node = sae_node(cfg.sae, store.d_in, d_sae)
-    sae = build_sae(cfg.sae, store.d_in, d_sae).to(device)
+    if store.d_in != plan.d_in:
+        raise ConfigError(
+            f"site={cfg.site.name}: the activations have width {store.d_in} but the model "
+            f"config says {plan.d_in} (model.d_model / n_heads * d_head)"
+        )
+    sae = plan.sae.to(device)
 
-    stage(f"train {type(sae).__name__} d_in={store.d_in} d_sae={d_sae}", out)
-    train_cfg = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))  # type: ignore[arg-type]
-    sparsity = Sparsity(cfg.sparsity.mode, cfg.sparsity.get("target_l0"))
+    ckpt = out / "checkpoint.pt"
+    resumed = _checkpoint_step(ckpt)
+    if resumed:
+        log.info("[%s] resuming from the checkpoint at step %d", out.name, resumed)
+    stage(f"train {type(sae).__name__} d_in={plan.d_in} d_sae={plan.d_sae}", out)
     logger = instantiate(cfg.logger)
     logger.start(OmegaConf.to_container(cfg, resolve=True), out.name, str(out))
 
     def batches(skip: int):
-        it = store.batches(train_cfg.batch_size, seed=int(cfg.seed))
+        it = store.batches(plan.train.batch_size, seed=int(cfg.seed))
         for _ in range(skip):  # resume: the same seeded stream, fast-forwarded
             next(it)
         return it
 
     trained = train_sae(
-        sae, batches, train_cfg, sparsity, checkpoint_path=out / "checkpoint.pt",
+        sae, batches, plan.train, plan.sparsity, checkpoint_path=ckpt,
         log=logger.log, progress=cfg.get("progress", True),
     )  # fmt: skip
+    write_history(out / "history.csv", trained.history)
     sae.fold_scale(store.norm_scale)
-    save_sae(sae, out, node)
+    save_sae(sae, out, plan.node)
 
     stage("evaluate", out)
-    metrics, freq = evaluate_stage(cfg, sae, model(), hook, device)
+    eval_store, act_metrics, freq = activation_stage(cfg, sae, model, device)
     np.save(out / "firing_frequency.npy", freq.numpy())
-
-    record = {
-        "run_id": out.name,
-        "status": "complete",
-        "error": None,
-        **provenance(device),
-        "experiment": cfg.experiment_name,
-        "model": cfg.model.name,
-        "layer": int(cfg.layer.index),
-        "layer_name": str(choices.get("layer") or cfg.layer.name),
-        "site": cfg.site.name,
-        "hook": hook,
-        "sae": choices.get("sae", type(sae).__name__),
-        "sparsity": choices.get("sparsity", cfg.sparsity.name),
-        "sparsity_mode": sparsity.mode,
-        "target_l0": sparsity.target_l0,
-        "coefficient": trained.coefficient if sae.coefficient else None,
-        "seed": int(cfg.seed),
-        "d_in": store.d_in,
-        "d_sae": d_sae,
-        "norm_scale": store.norm_scale,
-        "activation_cache": str(store.key),
-        "activation_source": "stream" if cfg.data.get("stream") else "cache",
-        "metrics_version": METRICS_VERSION,
-        "metric_definitions": METRIC_DEFINITIONS,
-        **metrics,
-        "train_l0": trained.train_l0,
-        "train_tokens": trained.tokens,
-        "train_seconds": trained.seconds,
-        "train_tokens_per_s": trained.tokens_per_s,
-        "peak_memory_mb": trained.peak_memory_mb,
-        "wall_seconds": time.perf_counter() - t_start,
-        "choices": choices,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "run_dir": str(out),
-    }
+    lm_metrics = evaluate_stage(cfg, sae, model(), hook, device)
+    record = ResultRecord(
+        run_id=out.name,
+        config_hash=plan.config_hash,
+        curve_hash=plan.curve_hash,
+        status="complete",
+        experiment=cfg.experiment_name,
+        model=cfg.model.name,
+        layer=int(cfg.layer.index),
+        layer_name=str(choices.get("layer") or cfg.layer.name),
+        site=cfg.site.name,
+        hook=hook,
+        sae=str(choices.get("sae") or type(sae).__name__),
+        sparsity=identity.sparsity_label(cfg),
+        sparsity_mode=plan.sparsity.mode,
+        target_l0=plan.sparsity.target_l0,
+        sparsity_coefficient=cfg.sparsity.get("coefficient")
+        if plan.sparsity.mode == "coefficient"
+        else None,
+        coefficient=trained.coefficient if sae.coefficient else None,
+        seed=int(cfg.seed),
+        d_in=plan.d_in,
+        d_sae=plan.d_sae,
+        norm_scale=store.norm_scale,
+        activation_cache=str(store.key),
+        activation_source="stream" if cfg.data.get("stream") else "cache",
+        eval_activation_cache=str(eval_store.key),
+        metrics_version=METRICS_VERSION,
+        metric_definitions=definitions(),
+        metrics={**act_metrics, **lm_metrics, "train_frac_dead": trained.final_frac_dead},
+        dead_window_tokens=trained.dead_window_tokens,
+        train_l0=trained.train_l0,
+        train_tokens=trained.tokens,
+        train_seconds=trained.seconds,
+        train_tokens_per_s=trained.tokens_per_s,
+        peak_memory_mb=trained.peak_memory_mb,
+        wall_seconds=time.perf_counter() - t_start,
+        resumed_from_step=resumed,
+        choices=choices,
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        run_dir=str(out),
+        provenance=provenance(device),
+    )
     write_result(out, record)
-    (out / "checkpoint.pt").unlink(missing_ok=True)  # the weights are saved; free the space
-    logger.finish(metrics)
+    m = record.metrics
     log.info(
-        "[%s] done in %.0fs: l0=%.1f fvu=%.4f delta_lm_loss=%.4f frac_dead=%.3f",
-        out.name, record["wall_seconds"], metrics["l0"], metrics["fvu"],
-        metrics["delta_lm_loss"], metrics["frac_dead"],
+        "[%s] done in %.0fs: l0=%.1f fvu=%.4f delta_lm_loss=%.4f frac_dead=%.4f (%d held-out tokens)",
+        out.name, record.wall_seconds, m["l0"], m["fvu"], m["delta_lm_loss"], m["frac_dead"],
+        m["n_activation_tokens"],
     )  # fmt: skip
+    _after_result(out, logger, m)
     return record
 
 
+def _after_result(out: Path, logger: Any, metrics: dict[str, Any]) -> None:
+    """Clean-up once result.json is written. Nothing here may turn a finished run into a failed
+    one: a failure is logged as a warning and the complete record stays."""
+    try:
+        (out / "checkpoint.pt").unlink(missing_ok=True)  # the weights are saved; free the space
+        logger.finish(metrics)
+    except Exception as e:  # noqa: BLE001
+        log.warning("[%s] after the result was written: %s: %s", out.name, type(e).__name__, e)
+
+
+def _checkpoint_step(path: Path) -> int:
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False).get("state")
+    return int(getattr(state, "step", 0))
+
+
+def activation_stage(cfg: DictConfig, sae, model: Any, device: torch.device):
+    """L0, FVU and firing frequencies on eval.n_activation_tokens held-out activations (the
+    eval split's activation cache, harvested once per site and shared by every SAE)."""
+    act_cfg = copy.deepcopy(cfg)
+    act_cfg.data.n_eval_tokens = int(cfg.eval.n_activation_tokens)
+    store = activations.get_activation_store(model, act_cfg, split="eval")
+    batches = store.batches(
+        int(cfg.eval.activation_batch_size), seed=0, epochs=1, normalise=False, shuffle=False
+    )
+    metrics, freq = activation_metrics(sae.eval(), batches, device)
+    return store, metrics, freq
+
+
 def evaluate_stage(cfg: DictConfig, sae, lm, hook: str, device: torch.device):
-    """The paper's metrics of a trained (scale-folded) SAE on the held-out split."""
+    """The LM metrics of a trained (scale-folded) SAE on the LM set of the held-out split."""
     tokens = data.eval_windows(cfg, lm.tokenizer).to(device)
     mask = data.non_special_mask(tokens, lm.tokenizer)
     return evaluate_sae(
         lm, sae.eval(), tokens, mask, hook, batch_size=int(cfg.eval.batch_size),
-        cache_dir=cfg.cache_dir, model_key=cfg.model.name, kl_div=bool(cfg.eval.kl_div),
+        cache_dir=cfg.cache_dir, model_key=activations.model_key(cfg), kl_div=bool(cfg.eval.kl_div),
     )  # fmt: skip
 
 
-def reevaluate(run_dir: str | Path, device: str = "auto") -> dict[str, float]:
+def reevaluate(run_dir: str | Path, device: str = "auto") -> dict[str, float | None]:
     """Reload a finished run's SAE and config and evaluate it again (same metrics, exactly)."""
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -167,7 +252,55 @@ def reevaluate(run_dir: str | Path, device: str = "auto") -> dict[str, float]:
     sae = load_sae(run_dir, dev)
     hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
     lm = models.load_model(cfg.model, dev, cfg.cache_dir)
-    return evaluate_stage(cfg, sae, lm, hook, dev)[0]
+    _, act_metrics, _ = activation_stage(cfg, sae, lm, dev)
+    return {**act_metrics, **evaluate_stage(cfg, sae, lm, hook, dev)}
+
+
+def check_folder(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
+    """The complete result already in `out` for this config, or None (run it).
+
+    A folder holding a result or a checkpoint of a *different* config (possible only when the
+    user points hydra.run.dir somewhere by hand: folder names carry the config hash) is never
+    reused: ConfigError names the differing keys. A result from other code (git commit) is
+    reused with a warning; `rerun=true` recomputes it.
+    """
+    if cfg.get("rerun", False):
+        return None
+    mine = identity.identity_dict(cfg)
+    done = read_result(out)
+    saved = OmegaConf.load(out / "config.yaml") if (out / "config.yaml").exists() else None
+    theirs = identity.identity_dict(saved) if isinstance(saved, DictConfig) else None
+    if theirs is not None and theirs != mine:
+        diff = "; ".join(identity.diff_keys(theirs, mine)[:6])
+        raise ConfigError(
+            f"{out} holds a run of a different config ({diff}); use another results_dir or "
+            "experiment_name, or delete that folder"
+        )
+    if not (done and done.get("status") == "complete"):
+        return None
+    commit, dirty = git_commit()
+    if done.get("git_commit") != commit or done.get("git_dirty") or dirty:
+        log.warning(
+            "[%s] already complete, computed by code %s%s (now %s%s): reused; rerun=true "
+            "recomputes it", out.name, str(done.get("git_commit"))[:10],
+            "+changes" if done.get("git_dirty") else "", commit[:10], "+changes" if dirty else "",
+        )  # fmt: skip
+    else:
+        log.info("[%s] already complete, skipped (rerun=true to run it again)", out.name)
+    return done
+
+
+def record_failure(out: Path, e: BaseException, choices: dict[str, Any], cfg: DictConfig) -> None:
+    """A failed record with the traceback, unless a complete one is already there: a finished
+    run is never turned into a failed one by something that broke after it was written."""
+    done = read_result(out)
+    if done and done.get("status") == "complete":
+        return
+    write_result(out, {
+        "run_id": out.name, "status": "failed", "error": f"{type(e).__name__}: {e}",
+        "traceback": traceback.format_exc(), "choices": choices, "run_dir": str(out),
+        "config": OmegaConf.to_container(cfg, resolve=False),
+    })  # fmt: skip
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -175,18 +308,16 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     choices = {g: hc.runtime.choices.get(g) for g in CHOICE_GROUPS}
-    done = read_result(out)
-    if done and done.get("status") == "complete" and not cfg.get("rerun", False):
-        log.info("[%s] already complete, skipped (rerun=true to run it again)", out.name)
-        return done.get("delta_lm_loss")
     try:
-        return run(cfg, out, choices)["delta_lm_loss"]
+        done = check_folder(cfg, out)
+        if done is not None:
+            return done.get("delta_lm_loss")
+        return run(cfg, out, choices).metrics["delta_lm_loss"]
+    except (ConfigError, DiskFullError) as e:  # a user error: one line, exit 2, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except Exception as e:
-        write_result(out, {
-            "run_id": out.name, "status": "failed", "error": f"{type(e).__name__}: {e}",
-            "traceback": traceback.format_exc(), "choices": choices, "run_dir": str(out),
-            "config": OmegaConf.to_container(cfg, resolve=False),
-        })  # fmt: skip
+        record_failure(out, e, choices, cfg)
         raise
 
 

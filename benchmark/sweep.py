@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+
+def _job_num(config: DictConfig) -> int:
+    """The job's number in a multirun; a single run has none (hydra.job.num is ???): 0."""
+    return int(OmegaConf.select(config, "hydra.job.num", default=0, throw_on_missing=False))
 
 
 class SweepProgress(Callback):
@@ -21,17 +26,17 @@ class SweepProgress(Callback):
         self._t0: dict[int, float] = {}
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        job = config.hydra.job
-        self._t0[job.num] = time.perf_counter()
+        num = _job_num(config)
+        self._t0[num] = time.perf_counter()
         name = Path(config.hydra.runtime.output_dir).name
-        print(f"[sweep] job {job.num} {name}: started", flush=True)
+        print(f"[sweep] job {num} {name}: started", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        job = config.hydra.job
-        seconds = time.perf_counter() - self._t0.pop(job.num, time.perf_counter())
+        num = _job_num(config)
+        seconds = time.perf_counter() - self._t0.pop(num, time.perf_counter())
         name = Path(config.hydra.runtime.output_dir).name
         status = getattr(job_return.status, "name", str(job_return.status)).lower()
-        print(f"[sweep] job {job.num} {name}: {status} in {seconds:.0f}s", flush=True)
+        print(f"[sweep] job {num} {name}: {status} in {seconds:.0f}s", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
@@ -47,5 +52,6 @@ class SweepProgress(Callback):
                 continue
             print(
                 f"  {path.parent.name}: l0={r['l0']:.1f} fvu={r['fvu']:.4f} "
-                f"delta_lm_loss={r['delta_lm_loss']:.4f} wall={r.get('wall_seconds', 0):.0f}s"
+                f"delta_lm_loss={r['delta_lm_loss']:.4f} frac_dead={r['frac_dead']:.4f} "
+                f"wall={r.get('wall_seconds', 0):.0f}s"
             )

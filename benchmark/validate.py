@@ -8,7 +8,8 @@ the dictionary size, sparsity mode against the architecture). Must not load mode
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from hydra.utils import get_object
@@ -78,13 +79,100 @@ def dictionary_size(cfg: DictConfig, d_in: int) -> int:
     return int(width) if width else int(cfg.train.width_factor * d_in)
 
 
+# The keys each group may hold, with a check per key: (predicate, what would be valid).
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
+
+
+_POS_INT = (_pos_int, "a positive integer")
+_OPT_STR = (_opt_str, "a string or null")
+_BOOL = (_is_bool, "true or false")
+DATA_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "source": (lambda v: v in ("bundled", "hf", "local"), "bundled, hf or local"),
+    "context_length": (lambda v: _pos_int(v) and v >= 2, "an integer >= 2"),
+    "eval_fraction": (_fraction, "a number in (0, 1)"),
+    "n_train_tokens": _POS_INT,
+    "n_eval_tokens": _POS_INT,
+    "eval_pool_tokens": _POS_INT,
+    "allow_fewer_tokens": _BOOL,
+    "stream": _BOOL,
+    "stream_buffer_tokens": _POS_INT,
+    "stream_norm_tokens": _POS_INT,
+    "harvest": (
+        lambda v: (
+            isinstance(v, dict)
+            and set(v) <= {"batch_size", "shard_mb"}
+            and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                for x in v.values()
+            )
+        ),
+        "{batch_size: positive int, shard_mb: positive number}",
+    ),  # fmt: skip
+    "path": _OPT_STR,
+    "config": _OPT_STR,
+    "hf_split": (lambda v: isinstance(v, str), "a string"),
+    "text_field": (lambda v: isinstance(v, str), "a string"),
+    "id_field": _OPT_STR,
+}
+EVAL_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "batch_size": _POS_INT,
+    "kl_div": _BOOL,
+    "n_activation_tokens": _POS_INT,
+    "activation_batch_size": _POS_INT,
+}
+
+
+def check_group(
+    group: str, node: DictConfig, keys: dict[str, tuple[Callable[[Any], bool], str]]
+) -> None:
+    """Every key of `node` known and valid, else ConfigError naming `group.key` and the value."""
+    plain = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(plain, dict)
+    unknown = sorted(str(k) for k in plain if k not in keys)
+    if unknown:
+        raise ConfigError(
+            f"{group}: unknown key(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
+            f"valid keys: {', '.join(sorted(keys))}"
+        )
+    for raw_key, value in plain.items():
+        key = str(raw_key)
+        ok, valid = keys[key]
+        if not ok(value):
+            raise ConfigError(f"{group}.{key}={value!r} is invalid: must be {valid}")
+
+
+def check_seed(cfg: DictConfig) -> None:
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r} must be an integer in [0, 2**32)")
+
+
 def check_run(cfg: DictConfig) -> None:
     """All cheap checks of one run's config (raises ConfigError naming the bad value)."""
     check_targets(cfg)
+    check_seed(cfg)
+    check_group("data", cfg.data, DATA_KEYS)
+    check_group("eval", cfg.eval, EVAL_KEYS)
     d_sae = dictionary_size(cfg, site_width(cfg))
     sp = cfg.sparsity
     if sp.mode == "target_l0":
-        if not sp.target_l0 or not 0 < sp.target_l0 <= d_sae:
+        t = sp.target_l0
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= d_sae:
             raise ConfigError(
                 f"sparsity.target_l0={sp.target_l0} must be in [1, d_sae={d_sae}] "
                 f"(the dictionary size for train={cfg.train.name} at site={cfg.site.name})"
@@ -92,6 +180,11 @@ def check_run(cfg: DictConfig) -> None:
     elif sp.mode == "coefficient":
         if OmegaConf.is_missing(sp, "coefficient"):
             raise ConfigError("sparsity=coefficient needs sparsity.coefficient=<lambda>")
+        c = sp.coefficient
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            raise ConfigError(
+                f"sparsity.coefficient={c!r} must be a finite number >= 0 (the lambda)"
+            )
         if "k" in cfg.sae:  # an architecture whose sparsity is its k, not a coefficient
             raise ConfigError(
                 f"sae={cfg.sae._target_} sets its L0 through k; use sparsity=l0_N, not "

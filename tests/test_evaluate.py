@@ -8,8 +8,10 @@ from torch import nn
 
 from baselines.base import SAEOutput
 from benchmark import evaluate as ev
+from benchmark.activations import model_key
 from benchmark.data import non_special_mask, token_windows
-from benchmark.evaluate import SpliceStats, evaluate_sae, next_token_losses
+from benchmark.evaluate import SpliceStats, activation_metrics, evaluate_sae, next_token_losses
+from benchmark.metrics import CE_RECOVERED_MIN_GAP
 from tests.helpers import compose_config
 
 
@@ -75,26 +77,37 @@ def eval_set(bundled_model):
     return tokens, mask, acts
 
 
+def _metrics(model, sae, tokens, mask, hook=HOOK, **kw):
+    """LM metrics + the activation-set metrics computed on the same positions' activations."""
+    lm = evaluate_sae(model, sae, tokens, mask, hook, **kw)
+    _, cache = model.run_with_cache(tokens, names_filter=[hook])
+    acts = cache[hook].reshape(*tokens.shape, -1)[mask]
+    act, freq = activation_metrics(sae, acts.split(7))
+    return {**act, **lm}, freq
+
+
 @pytest.mark.integration
 def test_identity_sae_is_perfect(bundled_model, eval_set):
     tokens, mask, acts = eval_set
-    m, freq = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=2)
+    m, freq = _metrics(bundled_model, Identity(), tokens, mask, batch_size=2)
     assert m["fvu"] == 0.0
     assert m["delta_lm_loss"] == pytest.approx(0.0, abs=1e-6)
     assert m["kl_div"] == pytest.approx(0.0, abs=1e-6)
     assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
-    assert m["n_eval_tokens"] == mask.sum().item() == len(acts)  # BOS never counted
+    assert m["n_activation_tokens"] == mask.sum().item() == len(acts)  # BOS never counted
+    # Scored CE positions: input and target both non-special.
+    assert m["n_lm_tokens"] == (mask[:, :-1] & mask[:, 1:]).sum().item()
 
 
 @pytest.mark.integration
 def test_zero_sae_recovers_nothing(bundled_model, eval_set, tmp_path):
     tokens, mask, acts = eval_set
     zero = Constant(torch.zeros(acts.shape[1]))
-    m, freq = evaluate_sae(bundled_model, zero, tokens, mask, HOOK, batch_size=2,
-                           cache_dir=tmp_path, model_key="smollm2")  # fmt: skip
+    m, freq = _metrics(bundled_model, zero, tokens, mask, batch_size=2,
+                       cache_dir=tmp_path, model_key="smollm2")  # fmt: skip
     assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert m["spliced_ce_loss"] == pytest.approx(m["zero_ce_loss"], abs=1e-6)
-    assert m["l0"] == 0 and m["frac_dead"] == 1.0
+    assert m["l0"] == 0 and m["frac_dead"] == 1.0 and m["splice_l0"] == 0
     # FVU is centred on the dataset mean, so zeros give sum||x||^2 / sum||x - mean||^2 > 1.
     centred = ((acts - acts.mean(0)) ** 2).sum()
     assert m["fvu"] == pytest.approx(((acts**2).sum() / centred).item(), rel=1e-6)
@@ -106,7 +119,7 @@ def test_zero_sae_recovers_nothing(bundled_model, eval_set, tmp_path):
 def test_mean_sae_has_fvu_one(bundled_model, eval_set):
     tokens, mask, acts = eval_set
     mean = Constant(acts.mean(0).float())
-    m, _ = evaluate_sae(bundled_model, mean, tokens, mask, HOOK, batch_size=4, kl_div=False)
+    m, _ = _metrics(bundled_model, mean, tokens, mask, batch_size=4, kl_div=False)
     assert m["fvu"] == pytest.approx(1.0, rel=1e-5)
     assert m["delta_lm_loss"] > 0
 
@@ -114,14 +127,95 @@ def test_mean_sae_has_fvu_one(bundled_model, eval_set):
 @pytest.mark.integration
 def test_cached_losses_are_reused(bundled_model, eval_set, tmp_path, monkeypatch):
     tokens, mask, _ = eval_set
-    first, _ = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=4,
-                            cache_dir=tmp_path, model_key="m")  # fmt: skip
+    first = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=4,
+                         cache_dir=tmp_path, model_key="m")  # fmt: skip
 
     def fail(*a, **k):
         raise AssertionError("recomputed a cached loss")
 
     monkeypatch.setattr(ev, "mean_ce", fail)
-    again, _ = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=4,
-                            cache_dir=tmp_path, model_key="m", kl_div=False)  # fmt: skip
+    again = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=4,
+                         cache_dir=tmp_path, model_key="m", kl_div=False)  # fmt: skip
     assert again["clean_ce_loss"] == first["clean_ce_loss"]
     assert again["zero_ce_loss"] == first["zero_ce_loss"]
+
+
+@pytest.mark.integration
+def test_ce_skips_positions_whose_target_is_bos(bundled_model):
+    """Real eval windows with a document boundary inside: the CE counts position t only when
+    tokens t and t+1 are both ordinary, and that changes the number (a BOS target costs ~11
+    nats)."""
+    cfg = compose_config(["data.context_length=128"])
+    tokens = token_windows(cfg.data, bundled_model.tokenizer, "eval", 700)
+    mask = non_special_mask(tokens, bundled_model.tokenizer)
+    assert (mask[:, :-1] != (mask[:, :-1] & mask[:, 1:])).any(), "no BOS target in the sample"
+    m = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=8, kl_div=False)
+    ce = next_token_losses(bundled_model(tokens, return_type="logits"), tokens).double()
+    new = ce[mask[:, :-1] & mask[:, 1:]].mean().item()
+    old = ce[mask[:, :-1]].mean().item()
+    assert m["clean_ce_loss"] == pytest.approx(new, rel=1e-6)
+    assert abs(new - old) > 0.01  # the old rule (input-only mask) gave a different loss
+    targets_bos = ce[mask[:, :-1] & ~mask[:, 1:]]
+    assert targets_bos.mean() > 5.0  # predicting the separator is far from language modelling
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("site_hook", ["attn.hook_z", "hook_mlp_out", "hook_resid_post"])
+def test_splice_changes_the_loss_at_every_site(bundled_model, eval_set, site_hook):
+    """A zero SAE spliced at each site's hook changes the loss and equals zero ablation: the
+    splice really writes at attention (per-head z, flattened), MLP and residual hooks."""
+    tokens, mask, _ = eval_set
+    hook = f"blocks.2.{site_hook}"
+    _, cache = bundled_model.run_with_cache(tokens[:1], names_filter=[hook])
+    width = cache[hook].reshape(1, tokens.shape[1], -1).shape[-1]
+    m = evaluate_sae(bundled_model, Constant(torch.zeros(width)), tokens, mask, hook,
+                     batch_size=4)  # fmt: skip
+    assert m["spliced_ce_loss"] - m["clean_ce_loss"] > 0.01
+    assert m["spliced_ce_loss"] == pytest.approx(m["zero_ce_loss"], abs=1e-6)
+
+
+class _LogitsIgnoreActivations:
+    """A stand-in LM whose logits do not depend on the hooked activation: zero ablation
+    costs nothing, so CE recovered has a zero denominator."""
+
+    def run_with_hooks(self, tokens, fwd_hooks, return_type="logits"):
+        act = torch.ones(*tokens.shape, 3)
+        for _, fn in fwd_hooks:
+            fn(act)
+        return torch.zeros(*tokens.shape, 5)
+
+
+def test_ce_recovered_is_null_when_zero_ablation_costs_nothing():
+    tokens = torch.tensor([[0, 1, 2, 3], [0, 3, 2, 1]])
+    mask = tokens != 0
+    m = evaluate_sae(_LogitsIgnoreActivations(), Identity(), tokens, mask, "h", batch_size=1)
+    assert m["zero_ce_loss"] - m["clean_ce_loss"] < CE_RECOVERED_MIN_GAP
+    assert m["ce_loss_recovered"] is None
+    assert m["delta_lm_loss"] == 0.0
+
+
+def test_activation_metrics_by_hand():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [2.0, 1.0]])
+
+    class Halve(nn.Module):  # x_hat = x / 2, f = x (latent 0 fires on 3 of 4 tokens)
+        def forward(self, x):
+            return SAEOutput(x / 2, x, x)
+
+    m, freq = activation_metrics(Halve(), [x[:3], x[3:]])
+    assert freq.tolist() == [0.75, 0.75]
+    assert m["l0"] == pytest.approx(6 / 4)
+    sse = ((x / 2) ** 2).sum().item()
+    assert m["fvu"] == pytest.approx(sse / ((x - x.mean(0)) ** 2).sum().item())
+    assert m["frac_dead"] == 0.0 and m["frac_freq_over_10pct"] == 1.0
+    assert m["n_activation_tokens"] == 4
+
+
+def test_loss_cache_key_names_the_whole_model_spec():
+    """Clean/zero losses are cached per model spec: dtype, source, path and BOS all count."""
+    base = compose_config([])
+    keys = {model_key(base)}
+    for o in ("model.dtype=bfloat16", "model.bos_token=null", "model.source=local",
+              "model.path=/x"):  # fmt: skip
+        keys.add(model_key(compose_config([o])))
+    assert len(keys) == 5
+    assert model_key(compose_config(["model.dtype=float32"])) == model_key(base)

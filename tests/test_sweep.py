@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -46,8 +47,9 @@ RESULT_KEYS = {
     "metric_definitions", "config", "choices", "model", "layer", "site", "sae", "sparsity",
     "sparsity_mode", "target_l0", "coefficient", "seed", "d_in", "d_sae", "l0", "fvu",
     "clean_ce_loss", "spliced_ce_loss", "zero_ce_loss", "delta_lm_loss", "ce_loss_recovered",
-    "kl_div", "frac_dead", "frac_freq_over_10pct", "frac_freq_over_1pct", "n_eval_tokens",
-    "train_tokens", "train_seconds", "train_tokens_per_s", "peak_memory_mb",
+    "kl_div", "frac_dead", "frac_freq_over_10pct", "frac_freq_over_1pct", "n_activation_tokens",
+    "n_lm_tokens", "splice_l0", "config_hash", "curve_hash", "train_frac_dead",
+    "dead_window_tokens", "history_file", "eval_activation_cache", "train_tokens", "train_seconds", "train_tokens_per_s", "peak_memory_mb",
 }  # fmt: skip
 
 
@@ -86,8 +88,12 @@ def test_every_job_writes_a_complete_result_with_the_schema(sweep):
         assert RESULT_KEYS <= set(r), RESULT_KEYS - set(r)
         assert r["metrics_version"] and r["metric_definitions"]["fvu"]
         assert r["sae"] in ("shifted_relu", "topk") and r["layer"] == 2
-        for f in ("sae.safetensors", "sae_config.yaml", "config.yaml", "firing_frequency.npy"):
+        for f in ("sae.safetensors", "sae_config.yaml", "config.yaml", "firing_frequency.npy",
+                  "history.csv"):  # fmt: skip
             assert (path.parent / f).exists(), f
+        # The folder is the config: readable choices, then the config hash.
+        assert path.parent.name == r["run_id"] and r["run_id"].endswith(r["config_hash"][:8])
+        assert r["n_activation_tokens"] == 2048  # the smoke preset's held-out activation set
         assert not (path.parent / "checkpoint.pt").exists()
     # the sweep's progress lines: one start and one end per job, then the summary
     assert log.count("[sweep] job") == 8 and "[sweep] finished" in log
@@ -114,7 +120,7 @@ def test_matched_l0_table_interpolates_the_runs(sweep):
         assert row.delta_lm_loss == pytest.approx(run.delta_lm_loss, rel=1e-9)
         assert row.fvu == pytest.approx(run.fvu, rel=1e-9)
     assert set(table.sae) == {"shifted_relu", "topk"}
-    assert "delta_lm_loss" in stdout and "| topk |" in stdout
+    assert "delta_lm_loss" in stdout and re.search(r"\|\s*topk\s*\|", stdout)
     for fig in ("fig_delta_lm_loss_vs_l0", "fig_fvu_vs_l0", "fig_high_freq_vs_l0"):
         assert (tmp / "report" / f"{fig}.png").stat().st_size > 10_000
         assert (tmp / "report" / f"{fig}.pdf").exists()
@@ -138,4 +144,6 @@ def test_a_second_launch_skips_finished_jobs(sweep):
     cmd = [sys.executable, "-m", "benchmark.run", "-m", "+experiment=smoke", "sae=topk",
            "sparsity=l0_10", f"results_dir={tmp / 'results'}", f"cache_dir={ROOT / '.cache'}"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "already complete, skipped" in run.stdout + run.stderr
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "already complete" in out, out[-2000:]
+    assert " train " not in out  # nothing was trained again

@@ -1,0 +1,110 @@
+"""Run identity: a run is its config.
+
+Owns the two hashes every result carries and the run folder's name:
+- `config_hash`: a hash of the resolved config with bookkeeping removed (where results and
+  caches go, progress display, logger, `rerun`, checkpoint and log intervals, harvest batch
+  sizes: nothing that can change a number). Two configs that can give different numbers never
+  share a hash, hence never a folder, a skip decision or a table cell. The code version is not
+  in it: it is recorded beside it (`git_commit`), and a result from other code is re-used only
+  with a warning (see `benchmark.run`).
+- `curve_hash`: the same with the swept sparsity value (target L0 or coefficient, and every SAE
+  key that interpolates it, such as TopK's k) and the seed blanked: the runs of one curve in the
+  report. Recipes, budgets, widths, data and models never mix in one curve.
+- `run_name`: `<site>-L<layer>_<sae>_<sparsity>_s<seed>_<config_hash[:8]>`, readable first and
+  unique by its hash; `<sparsity>` is the sparsity choice (`l0_40`) or `c<coefficient>` in
+  coefficient mode. Registered as the OmegaConf resolver `${run_name:<sae choice>}`, which
+  conf/config.yaml uses for both single runs and sweep jobs, so the same command always maps
+  to the same folder (and so resumes there).
+
+Must not know the model, data, trainer or evaluator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Top-level keys that never change a number.
+BOOKKEEPING = (
+    "hydra",
+    "results_dir",
+    "cache_dir",
+    "progress",
+    "rerun",
+    "experiment_name",
+    "logger",
+)
+# Nested keys that never change a number (checkpoint/resume is bit-exact; log rows are extra).
+BOOKKEEPING_NESTED = (("train", "checkpoint_every"), ("train", "log_every"), ("data", "harvest"))
+HASH_CHARS = 16
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    keep = [str(k) for k in cfg.keys() if k not in BOOKKEEPING]
+    node = OmegaConf.masked_copy(cfg, keep) if len(keep) != len(cfg) else cfg
+    out: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
+    for group, key in BOOKKEEPING_NESTED:
+        if isinstance(out.get(group), dict):
+            out[group].pop(key, None)
+    return out
+
+
+def identity_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as hashed by `config_hash` (bookkeeping removed)."""
+    return _plain(cfg)
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    return _digest(identity_dict(cfg))
+
+
+def curve_hash(cfg: DictConfig) -> str:
+    """config_hash of `cfg` with the sparsity value and the seed blanked (mode kept)."""
+    blank = OmegaConf.masked_copy(cfg, [str(k) for k in cfg.keys() if k not in BOOKKEEPING])
+    OmegaConf.set_struct(blank, False)
+    blank.seed = None
+    blank.sparsity = {"mode": cfg.sparsity.mode, "target_l0": None, "coefficient": None}
+    return _digest(_plain(blank))
+
+
+def sparsity_label(cfg: DictConfig) -> str:
+    sp = cfg.sparsity
+    if sp.mode == "coefficient" and not OmegaConf.is_missing(sp, "coefficient"):
+        return f"c{float(sp.coefficient):g}"
+    return str(sp.get("name") or sp.mode)
+
+
+def run_name(cfg: DictConfig, sae_choice: str | None = None) -> str:
+    sae = sae_choice or str(cfg.sae.get("_target_", "sae")).rsplit(".", 1)[-1]
+    return (
+        f"{cfg.site.name}-L{cfg.layer.index}_{sae}_{sparsity_label(cfg)}_s{cfg.seed}"
+        f"_{config_hash(cfg)[:8]}"
+    )
+
+
+def diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        va, vb, name = a.get(key), b.get(key), f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, f"{name}.")
+        elif va != vb:
+            out.append(f"{name}: {va!r} -> {vb!r}")
+    return out
+
+
+def _run_name_resolver(sae_choice: str | None = None, *, _root_: DictConfig) -> str:
+    return run_name(_root_, sae_choice)
+
+
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", _run_name_resolver)

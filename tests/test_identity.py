@@ -1,0 +1,113 @@
+"""Run identity (benchmark/identity.py, benchmark/run.py): a run is its config.
+
+Two configs that can give different numbers never share a folder or a hash; bookkeeping keys
+never change it; the curve hash ignores only the swept sparsity value and the seed; a folder
+holding another config's run is refused; a finished record is never replaced by a failure."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from benchmark import identity
+from benchmark.errors import ConfigError
+from benchmark.results import read_result, write_result
+from benchmark.run import check_folder, record_failure
+from tests.helpers import CONF, compose_config
+
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _grid(preset: str) -> list[list[str]]:
+    cfg = compose_config([f"+experiment={preset}"])
+    params = cfg.hydra.sweeper.params if "hydra" in cfg else {}
+    axes = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in (params or {}).items()]
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def _name(overrides: list[str]) -> str:
+    cfg = compose_config(overrides)
+    sae = next((o.split("=")[1] for o in overrides if o.startswith("sae=")), "jumprelu")
+    return identity.run_name(cfg, sae)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_grid_maps_to_distinct_folders(preset):
+    grid = _grid(preset)
+    names = [_name([f"+experiment={preset}", *combo]) for combo in grid]
+    assert len(names) == len(set(names)) == len(grid)
+
+
+def test_a_coefficient_sweep_maps_to_distinct_folders_and_one_curve():
+    """The issue's example: three coefficients used to share one folder ("coefficient")."""
+    base = ["sae=jumprelu", "sparsity=coefficient"]
+    cfgs = [compose_config([*base, f"sparsity.coefficient={c}"]) for c in (1e-4, 3e-4, 1e-3)]
+    names = [identity.run_name(c, "jumprelu") for c in cfgs]
+    assert len(set(names)) == 3
+    assert "c0.0003" in names[1]  # readable: the coefficient is in the name
+    assert len({identity.curve_hash(c) for c in cfgs}) == 1
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.n_tokens=300000", "train=paper", "data.context_length=64", "model=gpt2_small",
+     "train.width_factor=4", "train.lr=0.002", "eval.n_activation_tokens=50000", "seed=1",
+     "sae.bandwidth=0.01", "data.n_train_tokens=100000", "model.dtype=bfloat16"],
+)  # fmt: skip
+def test_anything_that_can_change_a_number_changes_the_hash(override):
+    assert identity.config_hash(compose_config([override])) != identity.config_hash(
+        compose_config([])
+    )
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["results_dir=/elsewhere", "cache_dir=/elsewhere", "progress=false", "rerun=true",
+     "experiment_name=other", "logger=wandb", "train.checkpoint_every=7", "train.log_every=3",
+     "data.harvest.batch_size=4"],
+)  # fmt: skip
+def test_bookkeeping_does_not_change_the_hash(override):
+    assert identity.config_hash(compose_config([override])) == identity.config_hash(
+        compose_config([])
+    )
+
+
+def test_curve_hash_ignores_only_sparsity_value_and_seed():
+    a = compose_config(["sae=topk", "sparsity=l0_20"])
+    same_curve = [compose_config(["sae=topk", "sparsity=l0_80", "seed=3"])]
+    other = [
+        compose_config(["sae=topk", "sparsity=l0_20", "train.n_tokens=300000"]),
+        compose_config(["sae=gated", "sparsity=l0_20"]),
+        compose_config(["sae=topk", "sparsity=l0_20", "train=paper"]),
+    ]
+    assert all(identity.curve_hash(c) == identity.curve_hash(a) for c in same_curve)
+    assert all(identity.curve_hash(c) != identity.curve_hash(a) for c in other)
+
+
+def test_a_folder_of_another_config_is_refused_and_the_same_config_is_skipped(tmp_path):
+    cfg = compose_config(["sae=topk", "sparsity=l0_20"])
+    OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)
+    assert check_folder(cfg, tmp_path) is None  # a checkpoint-only folder: run (resume) it
+    write_result(tmp_path, {"status": "complete", "config_hash": identity.config_hash(cfg)})
+    assert check_folder(cfg, tmp_path)["status"] == "complete"  # skipped
+    other = compose_config(["sae=topk", "sparsity=l0_20", "train.n_tokens=300000"])
+    with pytest.raises(ConfigError, match=r"different config \(train\.n_tokens: 600000 -> 300000"):
+        check_folder(other, tmp_path)
+    rerun = compose_config(["sae=topk", "sparsity=l0_20", "rerun=true"])
+    assert check_folder(rerun, tmp_path) is None
+
+
+def test_a_complete_record_is_never_replaced_by_a_failed_one(tmp_path):
+    cfg = compose_config([])
+    write_result(tmp_path, {"status": "complete", "delta_lm_loss": 0.25})
+    record_failure(tmp_path, RuntimeError("logger.finish broke"), {}, cfg)
+    assert read_result(tmp_path)["status"] == "complete"
+    assert list(tmp_path.glob("result.*.json")) == []  # nothing was moved aside either
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    record_failure(fresh, RuntimeError("boom"), {}, cfg)
+    r = json.loads((fresh / "result.json").read_text())
+    assert r["status"] == "failed" and "boom" in r["error"]
