@@ -37,6 +37,7 @@ from filelock import FileLock
 from transformer_lens.model_bridge import TransformerBridge
 
 from benchmark.errors import ConfigError
+from benchmark.fileio import current_umask, sweep_stale, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +143,16 @@ def converted_bundled_model(cache_dir: Path) -> Path:
     """Directory with the bundled model as fp32 safetensors + tokenizer, converting once."""
     gguf = bundled_gguf()
     dest = cache_dir / "models" / gguf.stem
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(dest.parent)  # half-converted folders of killed processes
     if dest.is_dir():  # only ever appears complete, by rename
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{dest}.lock"):
         if dest.is_dir():  # another process converted it while we waited
             return dest
         log.info("converting %s (once, ~25 s) into %s", gguf.name, dest)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{gguf.stem}.tmp-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest).lstrip("."), dir=dest.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a shared cache is not
         try:
             _dequantise_gguf(gguf, tmp)
             os.rename(tmp, dest)
