@@ -1,6 +1,6 @@
 """The one small interface every SAE architecture implements.
 
-Owns: the shared parameters (W_enc, b_enc, W_dec, b_dec), their initialisation (PAPER.md:
+Owns: the shared parameters (W_enc, b_enc, W_dec, b_dec), their initialisation (docs/method.md:
 He-uniform decoder, unit-norm rows, encoder = decoder transpose, zero biases), the forward pass
 and the reconstruction term, decoder-norm handling around an optimiser step, and folding the
 input-normalisation scalar into the weights.
@@ -11,7 +11,7 @@ extra loss terms.
 
 Conventions: W_enc is (d_in, d_sae), W_dec is (d_sae, d_in), so row i of W_dec is the decoder
 direction d_i of latent i. Losses are summed over the feature dimension and averaged over the
-batch, as in PAPER.md (||x - x_hat||^2 summed over dims, mean over batch).
+batch, as in docs/method.md (||x - x_hat||^2 summed over dims, mean over batch).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class SparseAutoencoder(nn.Module):
     # --- decoder norms and other constraints around an optimiser step ------------------------
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Remove the gradient component parallel to each decoder row (PAPER.md)."""
+        """Remove the gradient component parallel to each decoder row (docs/method.md)."""
         g = self.W_dec.grad
         if g is not None:
             d = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)

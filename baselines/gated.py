@@ -1,4 +1,4 @@
-"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014), as stated in PAPER.md.
+"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014), as stated in docs/method.md.
 
     pi_gate = W_gate (x - b_dec) + b_gate           f_gate = H(pi_gate)
     W_mag   = diag(exp(r_mag)) W_gate               (weight sharing)
@@ -10,7 +10,7 @@
         + ||x - x_hat_frozen(ReLU(pi_gate))||^2
 
 x_hat_frozen decodes with stop-gradient copies of W_dec and b_dec, so the auxiliary term trains
-the gate path only and never the decoder (the stop-gradient is part of the method; PAPER.md).
+the gate path only and never the decoder (the stop-gradient is part of the method; docs/method.md).
 H has zero derivative, so the reconstruction term trains the gate path not at all: the gate
 learns from the sparsity and auxiliary terms, the magnitude path from the reconstruction.
 

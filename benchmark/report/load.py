@@ -76,8 +76,27 @@ def load_results(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs, duplicates = keep_newest(runs, ["config_hash"], "duplicate of {kept}")
     conflict = "same curve, point and seed as {kept} but another config_hash; re-run"
     runs, conflicts = keep_newest(runs, ["curve_hash", "point", "seed"], conflict)
-    problems += duplicates + conflicts
+    problems += duplicates + conflicts + unrepresentative(runs)
     return runs, pd.DataFrame(problems, columns=list(PROBLEM_COLUMNS))
+
+
+SPLICE_L0_TOLERANCE = 0.03  # relative
+
+
+def unrepresentative(runs: pd.DataFrame) -> list[dict]:
+    """Runs whose LM set reads an L0 more than 3% away from the held-out activation set's: its
+    cross-entropy numbers come from an unrepresentative sample (too few windows: the L0 of one
+    128-token window varies by 12-15% across the bundled split). Listed, not dropped."""
+    if runs.empty or "splice_l0" not in runs:
+        return []
+    gap = (runs["splice_l0"] / runs["l0"] - 1).abs()
+    bad = runs[gap > SPLICE_L0_TOLERANCE]
+    return [
+        {"run_dir": r.run_dir, "status": "warning",
+         "reason": f"LM set unrepresentative: splice_l0 {r.splice_l0:.1f} vs l0 {r.l0:.1f} "
+                   f"({100 * (r.splice_l0 / r.l0 - 1):+.1f}%); raise data.n_eval_tokens"}
+        for r in bad.itertuples()
+    ]  # fmt: skip
 
 
 def read_result(path: Path) -> tuple[dict | None, str, str]:
