@@ -111,3 +111,12 @@ def test_a_complete_record_is_never_replaced_by_a_failed_one(tmp_path):
     record_failure(fresh, RuntimeError("boom"), {}, cfg)
     r = json.loads((fresh / "result.json").read_text())
     assert r["status"] == "failed" and "boom" in r["error"]
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "smoke"])
+def test_frequencies_are_measured_on_at_least_100k_held_out_tokens(preset):
+    """frac_dead and the firing frequencies read on 2,048 tokens called a latent that fires
+    once in 3,000 tokens dead; every preset but the smoke test measures them on >= 100k."""
+    cfg = compose_config([f"+experiment={preset}"])
+    assert cfg.eval.n_activation_tokens >= 100_000
+    assert cfg.data.n_eval_tokens >= 8192  # the LM set: >= 64 windows (L0 within ~1%)
