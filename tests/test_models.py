@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from benchmark import models
+from benchmark import hub, integrity, models
 from benchmark.errors import ConfigError
 from benchmark.models import BLOCK_HOOKS, hook_name, load_model, resolve_device, resolve_dtype
 from tests.conftest import MODEL_CACHE
@@ -135,3 +139,131 @@ def test_offline_sources_never_touch_the_network(bundled_model, compose, monkeyp
         torch.testing.assert_close(bundled(tokens), expected)
         torch.testing.assert_close(local(tokens), expected)
     assert local.tokenizer.bos_token_id == 0
+
+
+# ---- integrity of the converted model (benchmark/integrity.py) ----
+
+
+def fake_conversion(folder: Path) -> Path:
+    """A folder as converted_bundled_model leaves it: files + a sealed checksums.json."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    names = ["config.json", "model.safetensors"]
+    files = integrity.file_records(folder, names)
+    (folder / models.CHECKSUMS).write_text(json.dumps(integrity.seal({"files": files})))
+    return folder
+
+
+def test_conversion_damage(tmp_path, monkeypatch):
+    """Sizes on every check, checksums once per process; each fault named with its file."""
+    folder = fake_conversion(tmp_path / "m")
+    hashed = []
+    checksum = integrity.checksum
+    monkeypatch.setattr(integrity, "checksum", lambda p: hashed.append(p.name) or checksum(p))
+    assert models._conversion_damage(folder) is None and len(hashed) == 2
+    assert models._conversion_damage(folder) is None and len(hashed) == 2  # not hashed again
+    monkeypatch.setattr(integrity, "_verified", set())  # as in a new process
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[1000] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(data)
+    assert "model.safetensors has checksum" in models._conversion_damage(folder)
+    (folder / "model.safetensors").write_bytes(bytes(data[:100]))
+    assert "model.safetensors has 100 bytes, 16384 recorded" in models._conversion_damage(folder)
+    (folder / "config.json").unlink()
+    assert "config.json is missing" in models._conversion_damage(folder)
+    (folder / models.CHECKSUMS).write_text('{"files": {')
+    assert "checksums.json is unreadable" in models._conversion_damage(folder)
+    (folder / models.CHECKSUMS).unlink()  # converted before the checks
+    assert "checksums.json is unreadable or predates" in models._conversion_damage(folder)
+
+
+@pytest.mark.integration
+def test_damaged_converted_model_is_converted_again(bundled_model, compose, tmp_path, caplog):
+    """Bytes overwritten in a copy of the converted weights: one warning naming the file, a
+    fresh conversion (~25 s), and the reloaded model gives the original logits."""
+    stem = models.bundled_gguf().stem
+    pristine = Path(MODEL_CACHE) / "models" / stem
+    copy = tmp_path / "models" / stem
+    shutil.copytree(pristine, copy)
+    weights = copy / "model.safetensors"
+    with open(weights, "r+b") as f:  # flip bytes well inside the tensors, size unchanged
+        f.seek(weights.stat().st_size // 2)
+        chunk = f.read(4096)
+        f.seek(-len(chunk), 1)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    with caplog.at_level(logging.WARNING, logger="benchmark.models"):
+        reloaded = load_model(compose([]).model, torch.device("cpu"), tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"{weights} has checksum" in warnings[0], warnings
+    assert models._conversion_damage(copy) is None
+    tokens = torch.tensor([[0, 504, 3458, 282, 4649, 314]])
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(tokens), bundled_model(tokens))
+
+
+# ---- hub sources fail fast offline (benchmark/hub.py) ----
+
+HUB_MODELS = {"gemma2_9b": "google/gemma-2-9b", "gpt2_small": "openai-community/gpt2",
+              "pythia_70m": "EleutherAI/pythia-70m"}  # fmt: skip
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No model in the local HF cache, no offline variable, and a hub that does not answer."""
+    for var in hub.OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "model_cached", lambda repo: False)
+    monkeypatch.setattr(hub, "_probe", lambda endpoint, timeout: "no answer within 3 s")
+
+
+@pytest.mark.parametrize("name", sorted(HUB_MODELS))
+def test_hub_model_offline_fails_fast(name, compose, offline):
+    cfg = compose([f"model={name}"])
+    repo = cfg.model.path or cfg.model.architecture
+    assert repo.lower() == HUB_MODELS[name].lower()
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        hub.check_sources(cfg)
+    assert time.perf_counter() - start < 2
+    message = str(err.value)
+    assert message.startswith(f"model={name} needs {repo} from the Hugging Face hub, which is ")
+    assert "not in the local cache and the hub is unreachable (no answer within 3 s)" in message
+    assert f"hf download {repo}" in message and "model=smollm2_135m" in message
+    assert "\n" not in message
+
+
+def test_hub_model_sources(compose, monkeypatch, offline):
+    def no_probe(*args):
+        raise AssertionError("the hub was probed")
+
+    hub.check_sources(compose([]))  # bundled: nothing to check
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "_probe", no_probe)
+    with pytest.raises(ConfigError, match=r"unreachable \(HF_HUB_OFFLINE is set\)"):
+        hub.check_sources(compose(["model=gpt2_small"]))
+    monkeypatch.setattr(hub, "model_cached", lambda repo: repo == "openai-community/gpt2")
+    hub.check_sources(compose(["model=gpt2_small"]))  # in the local cache: fine offline
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "_probe", lambda endpoint, timeout: None)  # the hub answers
+    hub.check_sources(compose(["model=pythia_70m"]))
+
+
+def test_hub_lookups_never_touch_the_network(monkeypatch):
+    """The cache lookup is local; the probe gives up quickly and says why."""
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access refused")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert not hub.model_cached("no-such-owner/no-such-model-xyz")
+
+    class Session:
+        def head(self, url, timeout):
+            raise OSError("refused")
+
+    monkeypatch.setattr(huggingface_hub, "get_session", Session)
+    why = hub._probe.__wrapped__("https://hub.example", 0.5)
+    assert why == "no answer from https://hub.example within 0.5 s: OSError"
