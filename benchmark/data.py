@@ -364,16 +364,38 @@ def _local_documents(data_cfg: Any) -> Iterator[Document]:
 
 
 def _read_txt(file: Path, data_cfg: Any) -> Iterator[Document]:
-    for block in re.split(r"\n\s*\n", file.read_text(encoding="utf-8")):
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+        raise ConfigError(
+            f"data.path: {file} is not UTF-8 text (byte {e.start}: {e.reason}); local .txt "
+            "files must be UTF-8"
+        ) from None
+    for block in re.split(r"\n\s*\n", text):
         if block.strip():
             yield Document(_text_id(block.strip()), block.strip())
 
 
 def _read_jsonl(file: Path, data_cfg: Any) -> Iterator[Document]:
+    n = 0  # lines read
     with file.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                yield _record_document(json.loads(line), data_cfg, f"{file} line {i + 1}")
+        try:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ConfigError(
+                        f"{file} line {n}: a JSON {type(record).__name__}, not an object; "
+                        ".jsonl files hold one JSON object per line"
+                    )
+                yield _record_document(record, data_cfg, f"{file} line {n}")
+        except UnicodeDecodeError as e:  # text mode decodes ahead: the line is approximate
+            raise ConfigError(
+                f"data.path: {file} is not UTF-8 text (near line {n + 1}: {e.reason})"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file} line {n}: not valid JSON ({e.msg})") from None
 
 
 def _read_parquet(file: Path, data_cfg: Any) -> Iterator[Document]:

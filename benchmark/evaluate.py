@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from benchmark.fileio import write_json_atomic
 from benchmark.metrics import CE_RECOVERED_MIN_GAP, METRICS_VERSION, definitions
+from benchmark.progress import progress as progress_display
 
 __all__ = ["METRICS_VERSION", "METRIC_DEFINITIONS", "activation_metrics", "evaluate_sae"]
 
@@ -111,13 +112,20 @@ def zero_splice(act: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def mean_ce(model, tokens: Tensor, mask: Tensor, batch_size: int, hook=None, replace=None) -> float:
+def mean_ce(
+    model, tokens: Tensor, mask: Tensor, batch_size: int, hook=None, replace=None, *,
+    progress: bool = False,
+) -> float:  # fmt: skip
     """Mean CE over the eval set, clean or with a fixed splice (e.g. `zero_splice`) at `hook`."""
     total = torch.zeros(2, dtype=torch.float64)
+    desc = "evaluate LM (clean)" if replace is None else "evaluate LM (ablated)"
+    bar = progress_display(len(tokens), desc, unit="window", enabled=progress)
     for i in range(0, len(tokens), batch_size):
         t, m = tokens[i : i + batch_size], mask[i : i + batch_size]
         hooks = [(hook, _splice_hook(replace, m))] if replace is not None else []
         total += _ce_sum(_run(model, t, hooks), t, m).cpu()
+        bar.update(len(t))
+    bar.close()
     return (total[0] / total[1]).item()
 
 
@@ -149,6 +157,7 @@ def evaluate_sae(
     cache_dir: str | Path | None = None,
     model_key: str = "model",
     kl_div: bool = True,
+    progress: bool = False,
 ) -> dict[str, float | None]:
     """The paper's LM metrics for `sae` spliced at `hook` on `tokens` (N, T).
 
@@ -156,7 +165,8 @@ def evaluate_sae(
     hook): it must name everything that changes the model's outputs (source, path, dtype, BOS;
     `activations.model_key`), since the eval tokens' digest covers only the tokens. With no
     cache_dir both are computed here. Returns the LM-set metrics (`splice_l0` and `n_lm_tokens`
-    included; L0, FVU and frequencies come from `activation_metrics`).
+    included; L0, FVU and frequencies come from `activation_metrics`). progress: windows
+    done, rate and ETA (a bar on a terminal, periodic log lines elsewhere).
     """
     stats = SpliceStats()
 
@@ -171,6 +181,7 @@ def evaluate_sae(
 
     spliced, clean = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     kl_sum = 0.0
+    bar = progress_display(len(tokens), "evaluate LM (spliced)", unit="window", enabled=progress)
     for i in range(0, len(tokens), batch_size):
         t, m = tokens[i : i + batch_size], mask[i : i + batch_size]
         logits = _run(model, t, [(hook, _splice_hook(splice, m))])  # (B, T, V)
@@ -182,6 +193,8 @@ def evaluate_sae(
             lp_clean = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)[pm]  # (n, V)
             lp_spliced = F.log_softmax(logits[:, :-1].float(), dim=-1)[pm]
             kl_sum += (lp_clean.exp() * (lp_clean - lp_spliced)).sum().item()
+        bar.update(len(t))
+    bar.close()
 
     digest = tokens_digest(tokens)
     folder = Path(cache_dir) / "losses" if cache_dir is not None else None
@@ -193,9 +206,12 @@ def evaluate_sae(
         clean_ce = (clean[0] / clean[1]).item()
         cached_scalar(clean_path, lambda: clean_ce)
     else:
-        clean_ce = cached_scalar(clean_path, lambda: mean_ce(model, tokens, mask, batch_size))
+        clean_ce = cached_scalar(
+            clean_path, lambda: mean_ce(model, tokens, mask, batch_size, progress=progress)
+        )
     zero_ce = cached_scalar(
-        zero_path, lambda: mean_ce(model, tokens, mask, batch_size, hook, zero_splice)
+        zero_path,
+        lambda: mean_ce(model, tokens, mask, batch_size, hook, zero_splice, progress=progress),
     )
     spliced_ce = (spliced[0] / spliced[1]).item()
     assert stats.n > 0, "no evaluation position passed the mask"
@@ -214,15 +230,24 @@ def evaluate_sae(
 
 @torch.no_grad()
 def activation_metrics(
-    sae: nn.Module, batches: Iterable[Tensor], device: torch.device | str = "cpu"
+    sae: nn.Module,
+    batches: Iterable[Tensor],
+    device: torch.device | str = "cpu",
+    *,
+    total: float | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, float], Tensor]:
     """L0, FVU and firing-frequency statistics of `sae` on raw (unnormalised) activation
-    batches (n, d_in): the held-out activation set. Returns (metrics, firing_frequency)."""
+    batches (n, d_in): the held-out activation set. Returns (metrics, firing_frequency).
+    progress: rows done out of `total` (if known), rate and ETA."""
     stats = SpliceStats()
+    bar = progress_display(total, "evaluate activations", unit="tok", enabled=progress)
     for x in batches:
         x = x.to(device)
         out = sae(x)
         stats.add(x, out.x_hat, out.f)
+        bar.update(x.shape[0])
+    bar.close()
     if stats.fired is None:
         raise ValueError("activation_metrics: no activations to evaluate on")
     freq = stats.fired.double().cpu() / stats.n

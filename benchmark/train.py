@@ -40,6 +40,7 @@ from torch import Tensor
 from baselines.base import SparseAutoencoder
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
+from benchmark.progress import Progress, progress
 
 BatchFactory = Callable[[int], Iterator[Tensor]]
 """batches(skip) -> an iterator of (batch, d_in) float tensors, starting after `skip` batches."""
@@ -389,7 +390,7 @@ def train_sae(
             state.history.append(row)
             if log is not None:
                 log(row, state.step)
-            bar.set_postfix(loss=row["loss"], l0=row["l0"], fvu=row["fvu"], refresh=False)
+            bar.set_postfix(**{k: f"{row[k]:.4g}" for k in ("loss", "l0", "fvu")})
         bar.update(1)
         if ckpt is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt, sae, opt, state)
@@ -441,15 +442,7 @@ def _log_row(
     }
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        desc="train",
-        unit="step",
-        mininterval=2.0,
-        dynamic_ncols=True,
-    )
+def _progress_bar(total: int, initial: int, enabled: bool) -> Progress:
+    """Steps done, with the last logged loss / L0 / FVU: a bar on a terminal, a log line every
+    ~10% (or 30 s) elsewhere (benchmark.progress); nothing with `progress=False`."""
+    return progress(total, "train", unit="step", enabled=enabled, initial=initial)
