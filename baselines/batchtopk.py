@@ -4,7 +4,8 @@ Training: keep the k * B largest pre-activations of the batch (B tokens) and ReL
 is k on average over the batch but varies per token. Inference: one global threshold theta,
 f = pre * H(pre - theta), so a token's code does not depend on the rest of its batch. theta is
 an exponential moving average (`threshold_momentum`) of the smallest positive activation kept
-in each training batch. AuxK, initialisation and b_pre are TopK's (this class extends it).
+in each training batch. AuxK, initialisation, b_pre and the sparse training path are TopK's (this class extends it);
+at inference the threshold code takes the dense path.
 
 This file is also the worked example of adding a baseline by config (README): one class here and
 one YAML, conf/sae/batchtopk.yaml.
@@ -17,11 +18,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from baselines.sparse import SparseCode, SparseMode, make_code, use_sparse
 from baselines.topk import TopKSAE
 
 
 class BatchTopKSAE(TopKSAE):
-    """Args as `TopKSAE`, plus threshold_momentum for the inference threshold's moving average."""
+    """Args as `TopKSAE` (sparse included), plus threshold_momentum for the inference
+    threshold's moving average."""
 
     activation_unit_params = ("b_enc", "b_dec", "threshold")
 
@@ -34,10 +37,11 @@ class BatchTopKSAE(TopKSAE):
         aux_coefficient: float = 1 / 32,
         b_pre_init: Literal["geometric_median", "mean", "zero"] = "geometric_median",
         threshold_momentum: float = 0.99,
+        sparse: SparseMode = "auto",
     ) -> None:
         # An explicit signature (not *args, **kwargs), so that a typo in conf/sae/batchtopk.yaml
         # is caught by the config check before any work.
-        super().__init__(d_in, d_sae, k, k_aux, aux_coefficient, b_pre_init)
+        super().__init__(d_in, d_sae, k, k_aux, aux_coefficient, b_pre_init, sparse=sparse)
         if not 0.0 <= threshold_momentum < 1.0:
             raise ValueError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
         self.threshold_momentum = float(threshold_momentum)
@@ -52,6 +56,15 @@ class BatchTopKSAE(TopKSAE):
         f = torch.zeros_like(flat).scatter(0, top.indices, torch.relu(top.values)).view_as(pre)
         self._update_threshold(top.values)
         return f
+
+    def active_code(self, pre: Tensor) -> SparseCode | None:
+        """The k * B kept pairs of a training batch, sorted by token; None on the dense path."""
+        if not self.training or not use_sparse(self.sparse, self.k / self.d_sae, pre.device):
+            return None
+        top = pre.flatten().topk(self.k * pre.shape[0])
+        self._update_threshold(top.values)
+        flat = top.indices.sort(stable=True).values  # row-major order = sorted by token
+        return make_code(flat // self.d_sae, flat % self.d_sae, pre.shape[0], self.d_sae)
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:

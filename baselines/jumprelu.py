@@ -21,6 +21,13 @@ paper's released code. The default is "direct" because with eps = 1e-3 Adam move
 ~lr per step, i.e. theta by a relative ~lr: at short (CPU-length) runs the thresholds barely
 move (docs/method.md, "known trap"). In "log" mode the chain rule through exp is applied by autograd
 on top of the pseudo-derivative with respect to theta.
+
+Sparse path (`sparse`, baselines/sparse.py): every gradient above is zero outside the pairs
+(token, latent) that are active (pre > theta) or inside the kernel window
+(|pre - theta| < eps / 2). The encoder product stays dense; the decoder, the L0 term and the
+whole backward then run over those pairs only, with the same pseudo-derivatives (`_JumpReLU`
+and `_Step` applied to the sampled pre-activations). "auto" measures the pairs' density in
+each batch and takes the sparse path below the device's crossover (`baselines.sparse.use_sparse`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,17 @@ import torch
 from torch import Tensor, nn
 
 from baselines.base import SAEOutput, SparseAutoencoder, squared_error
+from baselines.sparse import (
+    SparseCode,
+    SparseMode,
+    check_mode,
+    dense_code,
+    mask_code,
+    sampled_pre,
+    sparse_decode,
+    sparse_output,
+    use_sparse,
+)
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -89,6 +107,7 @@ class JumpReLUSAE(SparseAutoencoder):
         threshold_init: initial theta for every latent (paper: 0.001).
         threshold_param: "direct" (train theta, default) or "log" (train log theta).
         min_threshold: lower clamp of theta after each step in "direct" mode (keeps theta > 0).
+        sparse: True (sparse decoder and backward), False (dense reference) or "auto".
     """
 
     activation_unit_params = ("b_enc", "b_dec")  # theta is folded in fold_scale below
@@ -103,8 +122,10 @@ class JumpReLUSAE(SparseAutoencoder):
         threshold_init: float = 0.001,
         threshold_param: Literal["direct", "log"] = "direct",
         min_threshold: float = 1e-6,
+        sparse: SparseMode = "auto",
     ) -> None:
         super().__init__(d_in, d_sae, coefficient)
+        self.sparse = check_mode(sparse)
         if bandwidth <= 0 or threshold_init <= 0:
             raise ValueError(
                 f"bandwidth and threshold_init must be > 0, got {bandwidth}, {threshold_init}"
@@ -124,12 +145,46 @@ class JumpReLUSAE(SparseAutoencoder):
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu(pre, self.threshold, self.bandwidth)
 
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """As the base class, with the bias added inside the matmul (one pass less)."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    def active_code(self, pre: Tensor) -> SparseCode | None:
+        """Pairs that are active or inside the kernel window, when the sparse path is taken."""
+        if self.sparse is False:
+            return None
+        # One comparison per pre-activation, with a margin: every pair with pre > theta or
+        # |pre - theta| / eps < 1/2 (as `rectangle` rounds it) has pre > theta - 0.51 eps;
+        # extra pairs just below the window only carry zero values and zero gradients.
+        theta = self.threshold.detach()
+        near = pre > theta - (0.51 * self.bandwidth + 1e-5 * theta.abs())  # (B, d_sae)
+        density = int(near.count_nonzero()) / near.numel()
+        if not use_sparse(self.sparse, density, pre.device):
+            return None
+        return mask_code(near)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        pre = self.pre_activations(x)  # (B, d_sae), dense, still differentiable for any caller
+        code = self.active_code(pre.detach())
+        if code is None:
+            f = self.activate(pre)
+            return SAEOutput(self.decode(f), f, pre)
+        z = sampled_pre(pre, code, x - self.b_dec, self.W_enc, self.b_enc, self.b_dec)  # (nnz,)
+        values = jumprelu(z, self.threshold[code.latents], self.bandwidth)
+        x_hat = sparse_decode(code, values, self.W_dec) + self.b_dec
+        return sparse_output(x_hat, dense_code(code, values, pre), pre, code, values)
+
     def loss_terms(
         self, x: Tensor, out: SAEOutput, coefficient: float, dead_mask: Tensor | None
     ) -> dict[str, Tensor]:
         mse = squared_error(x, out.x_hat)
         # L0 on the forward pass's own pre-activations, detached: see the module docstring.
-        l0 = step(out.pre.detach(), self.threshold, self.bandwidth).sum(dim=-1).mean()
+        code: SparseCode | None = getattr(out, "code", None)
+        if code is None:
+            l0 = step(out.pre.detach(), self.threshold, self.bandwidth).sum(dim=-1).mean()
+        else:  # the pairs outside the code are below the window: H = 0 and no gradient
+            z = out.pre.detach()[code.tokens, code.latents]  # (nnz,)
+            l0 = step(z, self.threshold[code.latents], self.bandwidth).sum() / code.n_tokens
         return {"loss": mse + coefficient * l0, "mse": mse, "l0_penalty": l0}
 
     @torch.no_grad()

@@ -1,22 +1,34 @@
 """Training throughput of every architecture in conf/sae/ on synthetic activations.
 
-    python scripts/bench_train.py [--d-in 576] [--width 2304] [--batch 1024] [--steps 30]
-                                  [--device auto]
+    python scripts/bench_train.py [--d-in 576] [--width 4608] [--batch 4096] [--steps 8]
+                                  [--k 40] [--device auto] [--sparse auto] [--crossover]
 
-Prints tokens/s per architecture, and the ratio to a plain ReLU-SAE step measured in the same
-run (the cheapest possible step: one matmul each way, no sparsity bookkeeping). Synthetic data
-makes it runnable anywhere (a GPU machine needs no model or corpus).
+Prints tokens/s per architecture (forward + backward + Adam step through `train_sae`, so with
+the trainer's before/after_optimizer_step hooks and bookkeeping), and its ratio to the *dense
+bound*: the time of the six dense products of one SAE step at the same shapes (x @ W_enc,
+f @ W_dec and the four backward matmuls), measured in the same run right before each
+architecture, so that both sides of a ratio see the same machine load. A ratio above 1 means
+the step costs less than its six dense products (a sparse step); a dense architecture cannot
+reach 1. JumpReLU starts at the matched L0 (thresholds set so that L0 ~ k on the data, as after
+training): with the tiny default threshold it fires on ~40% of latents of this data.
+
+--crossover compares the sparse and the dense path of TopK and JumpReLU at several densities
+on this device (the measurement behind baselines/sparse.py's MAX_SPARSE_DENSITY).
+Synthetic data makes it runnable anywhere (a GPU machine needs no model or corpus).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from baselines.base import SparseAutoencoder
 from benchmark.saes import build_sae
 from benchmark.train import Sparsity, TrainConfig, train_sae
 
@@ -35,38 +47,118 @@ def nodes(k: int) -> dict[str, dict]:
     return out
 
 
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(fn: Callable[[], object], dev: torch.device, reps: int) -> float:
+    """Mean wall time of fn over reps calls, after one warm-up call."""
+    fn()
+    sync(dev)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - t) / reps
+
+
+def dense_bound(batch: int, d_in: int, width: int, dev: torch.device) -> Callable[[], None]:
+    """The six dense products of one SAE step: forward x @ W_enc and f @ W_dec, backward
+    grad_f = g @ W_dec^T, grad_W_dec = f^T @ g, grad_x = grad_pre @ W_enc^T and
+    grad_W_enc = x^T @ grad_pre."""
+    x, g = torch.randn(batch, d_in, device=dev), torch.randn(batch, d_in, device=dev)
+    W_enc, W_dec = torch.randn(d_in, width, device=dev), torch.randn(width, d_in, device=dev)
+
+    def six() -> None:
+        f = x @ W_enc
+        f @ W_dec
+        grad_f = g @ W_dec.t()
+        f.t() @ g
+        grad_f @ W_enc.t()
+        x.t() @ grad_f
+
+    return six
+
+
+def matched_threshold(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> None:
+    """Set every JumpReLU threshold to the pre-activation quantile that gives L0 ~ k on x."""
+    with torch.no_grad():
+        pre = sae.pre_activations(x).flatten()
+        theta = pre.kthvalue(pre.numel() - k * x.shape[0]).values
+        sae.raw_threshold.fill_(float(theta))  # type: ignore[operator]
+
+
+def build(name: str, node: dict, a: argparse.Namespace, x: torch.Tensor, sparse: object):
+    torch.manual_seed(0)
+    if name in ("topk", "batchtopk", "jumprelu"):
+        node = {**node, "sparse": sparse}
+    sae = build_sae(node, a.d_in, a.width).to(x.device)
+    if name == "jumprelu":
+        matched_threshold(sae, x, a.k)
+    return sae
+
+
+def train_rate(sae: SparseAutoencoder, x: torch.Tensor, cfg: TrainConfig, warm: int) -> tuple:
+    """(tokens/s, L0) over cfg's steps, after `warm` untimed steps."""
+    dev, B = x.device, x.shape[0]
+    batches = lambda s: itertools.repeat(x)  # noqa: E731
+    warm_cfg = TrainConfig(**{**cfg.__dict__, "n_tokens": B * warm})
+    train_sae(sae, batches, warm_cfg, Sparsity("coefficient"), progress=False)
+    sync(dev)
+    t = time.perf_counter()
+    res = train_sae(sae, batches, cfg, Sparsity("coefficient"), progress=False)
+    sync(dev)
+    return cfg.n_tokens / (time.perf_counter() - t), res.train_l0
+
+
+def crossover(a: argparse.Namespace, x: torch.Tensor, cfg: TrainConfig) -> None:
+    all_nodes = nodes(a.k)
+    for k in (a.k // 2, a.k, 4 * a.k, 16 * a.k, 32 * a.k):
+        if not 0 < k <= a.width:
+            continue
+        a_k = argparse.Namespace(**{**vars(a), "k": k})
+        for name in ("topk", "jumprelu"):
+            node = {**all_nodes[name], **({"k": k} if name == "topk" else {})}
+            rate = {s: train_rate(build(name, node, a_k, x, s), x, cfg, 1) for s in (True, False)}
+            print(f"{name:>10} k={k:5d} density={k / a.width:.4f}: sparse/dense step speed "
+                  f"{rate[True][0] / rate[False][0]:.2f}x (L0 {rate[True][1]:.0f})")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--d-in", type=int, default=576)
-    p.add_argument("--width", type=int, default=2304)
-    p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--width", type=int, default=4608)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--k", type=int, default=40)
     p.add_argument("--device", default="auto")
+    p.add_argument("--sparse", default="auto", choices=["auto", "true", "false"],
+                   help="sparse path of topk / batchtopk / jumprelu")  # fmt: skip
+    p.add_argument("--crossover", action="store_true", help="sparse vs dense speed by density")
     a = p.parse_args()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))  # fmt: skip
+    sparse = {"auto": "auto", "true": True, "false": False}[a.sparse]
     x = torch.randn(a.batch, a.d_in, device=dev) / a.d_in**0.5
     cfg = TrainConfig(n_tokens=a.batch * a.steps, batch_size=a.batch, lr=1e-3, lr_warmup_steps=1,
                       log_every=10**9, dead_window_tokens=a.batch * 4)  # fmt: skip
-    print(f"device={dev} d_in={a.d_in} d_sae={a.width} batch={a.batch} steps={a.steps} "
-          f"threads={torch.get_num_threads()}")  # fmt: skip
-    rates = {}
-    for name, node in nodes(a.k).items():
-        torch.manual_seed(0)
-        sae = build_sae(node, a.d_in, a.width).to(dev)
-        warm = TrainConfig(**{**cfg.__dict__, "n_tokens": a.batch * 3})
-        train_sae(sae, lambda s: itertools.repeat(x), warm, Sparsity("coefficient"), progress=False)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        train_sae(sae, lambda s: itertools.repeat(x), cfg, Sparsity("coefficient"), progress=False)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        rates[name] = a.batch * a.steps / (time.perf_counter() - t)
-    ref = rates.get("relu", max(rates.values()))
-    for name, r in rates.items():
-        print(f"{name:>10}: {r:10.0f} tokens/s   ({r / ref:.2f}x the ReLU step)")
+    print(f"device={dev} d_in={a.d_in} d_sae={a.width} batch={a.batch} steps={a.steps} k={a.k} "
+          f"fp32 threads={torch.get_num_threads()} sparse={a.sparse}")  # fmt: skip
+    if a.crossover:
+        return crossover(a, x, cfg)
+    six = dense_bound(a.batch, a.d_in, a.width, dev)
+    bounds = []
+    for name in ("jumprelu", "gated", "topk", "batchtopk", "relu"):
+        sae = build(name, nodes(a.k)[name], a, x, sparse)
+        bound = a.batch / seconds(six, dev, reps=max(2, a.steps // 2))  # tokens/s
+        rate, l0 = train_rate(sae, x, cfg, warm=2)
+        bounds.append(bound)
+        print(f"{name:>10}: {rate:9.0f} tokens/s   ratio {rate / bound:5.2f}x the dense bound "
+              f"({bound:.0f} tokens/s)   L0 {l0:.0f}", flush=True)  # fmt: skip
+    print(
+        f"{'dense':>10}: {statistics.median(bounds):9.0f} tokens/s   (six dense products, median)"
+    )
 
 
 if __name__ == "__main__":
