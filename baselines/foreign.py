@@ -1,0 +1,170 @@
+"""Shared plumbing of the loaders of released and foreign SAEs: gemma_scope.py, saelens.py and
+dictionary_learning.py beside this file.
+
+Owns: where a loader's files are (`path`: a local file or folder, or `hf://owner/repo/path/in/repo`
+read through `huggingface_hub.hf_hub_download`, i.e. from the local Hugging Face cache or the
+hub), building the suite's own architecture for a foreign one, copying weights into it with
+their shapes checked, and recording where the weights came from on the module (`sae.source`, a
+plain dict a result can store; `source_of(sae)` reads it, None for an SAE trained here).
+
+A loaded SAE is an instance of the suite's own class (JumpReLUSAE, TopKSAE, GatedSAE, ReLUSAE,
+BatchTopKSAE) whose outputs equal the foreign formula (each loader's docstring gives the map),
+so it is evaluated by the suite's metrics with no special case. It reads raw activations of the
+hooked site (no input normalisation): the released formats store weights in activation units.
+
+Must not know Hydra, the data, the model or the trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import huggingface_hub
+import torch
+from torch import Tensor
+
+from baselines.base import SparseAutoencoder
+from baselines.batchtopk import BatchTopKSAE
+from baselines.gated import GatedSAE
+from baselines.jumprelu import JumpReLUSAE
+from baselines.relu import ReLUSAE
+from baselines.topk import TopKSAE
+
+HF = "hf://"
+# The suite's architectures, by the names conf/sae/ uses.
+SUITE: dict[str, type[SparseAutoencoder]] = {
+    "jumprelu": JumpReLUSAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "gated": GatedSAE,
+    "relu": ReLUSAE,
+}
+
+
+def local_files(path: str | Path, names: Sequence[str]) -> list[Path]:
+    """Local paths of the files `names` of one SAE.
+
+    `path` is the SAE's folder or one file inside it. A local file given for a one-file format
+    (Gemma Scope's params.npz) is used whatever its name. `hf://owner/repo/sub/folder` (or
+    `.../sub/folder/<file>`) downloads `sub/folder/<name>` of the hub repo `owner/repo` (or
+    takes it from the local Hugging Face cache).
+    """
+    text = str(path)
+    if text.startswith(HF):
+        return _hub_files(text, names)
+    p = Path(text).expanduser()
+    if p.is_file() and len(names) == 1:
+        return [p]
+    folder = p.parent if p.is_file() else p
+    files = [folder / n for n in names]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"path={text!r}: missing {', '.join(missing)}")
+    return files
+
+
+def _hub_files(uri: str, names: Sequence[str]) -> list[Path]:
+    parts = PurePosixPath(uri[len(HF) :]).parts
+    if len(parts) < 2:
+        raise ValueError(f"path={uri!r}: expected hf://owner/repo[/folder][/file]")
+    repo_id, rest = "/".join(parts[:2]), "/".join(parts[2:])
+    last = PurePosixPath(rest)
+    # A file of the SAE, not its folder (folder names may hold dots: blocks.6.hook_resid_post).
+    if rest and (last.name in names or (len(names) == 1 and last.suffix == Path(names[0]).suffix)):
+        if len(names) == 1:
+            return [Path(_download(repo_id, rest))]
+        rest = str(last.parent).removeprefix(".")
+    return [Path(_download(repo_id, f"{rest}/{n}" if rest else n)) for n in names]
+
+
+def _download(repo_id: str, filename: str) -> str:
+    # Looked up on the module at call time, so tests can stand in for the hub.
+    return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename)
+
+
+def check_sizes(fmt: str, d_in: int | None, d_sae: int | None, found: tuple[int, int]) -> None:
+    """A size the caller expects (the runner's site width) must be the file's."""
+    for name, want, have in (("d_in", d_in, found[0]), ("d_sae", d_sae, found[1])):
+        if want is not None and int(want) != have:
+            hint = " (the width of the hooked site)" if name == "d_in" else ""
+            raise ValueError(f"the {fmt} SAE has {name}={have}, but {name}={want} was asked{hint}")
+
+
+def build(architecture: str, d_in: int, d_sae: int, k: int | None = None) -> SparseAutoencoder:
+    """A fresh suite SAE of `architecture` (a key of SUITE), weights to be copied in."""
+    if architecture not in SUITE:
+        raise ValueError(f"architecture={architecture!r}; the suite has {', '.join(SUITE)}")
+    if architecture in ("topk", "batchtopk"):
+        if k is None:
+            raise ValueError(f"architecture={architecture} needs k")
+        return SUITE[architecture](d_in, d_sae, k=int(k))  # type: ignore[call-arg]
+    return SUITE[architecture](d_in, d_sae)
+
+
+def fresh(
+    fmt: str, architecture: str | None, d_in: int | None, d_sae: int | None, k: int | None = None
+) -> SparseAutoencoder:
+    """What a loader builds without a path: an untrained suite SAE (default JumpReLU), so that
+    its conf/sae/ entry composes and builds like every other (tests, reloads)."""
+    if d_in is None or d_sae is None:
+        raise ValueError(f"sae={fmt}: give sae.path=<file, folder or hf://...>")
+    return build(architecture or "jumprelu", int(d_in), int(d_sae), k)
+
+
+@torch.no_grad()
+def assign(sae: SparseAutoencoder, tensors: Mapping[str, Tensor]) -> SparseAutoencoder:
+    """Copy each tensor into the parameter or buffer of that name (fp32), shapes checked."""
+    for name, value in tensors.items():
+        target = getattr(sae, name)
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(
+                f"{name}: the file's shape {tuple(value.shape)} is not the expected "
+                f"{tuple(target.shape)}"
+            )
+        target.copy_(value.to(target.dtype))
+    return sae
+
+
+def fold_input_bias(W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    """The suite's b_enc for an encoder that reads x without subtracting b_dec.
+
+    Foreign: pre = x W_enc + b_enc. Suite: pre = (x - b_dec) W_enc + b_enc'. Equal for every x
+    iff b_enc' = b_enc + b_dec W_enc (computed in float64). `unfold_input_bias` inverts it.
+    """
+    return (b_enc.double() + b_dec.double() @ W_enc.double()).to(b_enc.dtype)
+
+
+def unfold_input_bias(W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    return (b_enc.double() - b_dec.double() @ W_enc.double()).to(b_enc.dtype)
+
+
+def record_source(sae: SparseAutoencoder, source: dict[str, Any]) -> SparseAutoencoder:
+    """Attach {format, path, ...} to a loaded SAE (not a parameter: it is not saved)."""
+    sae.source = dict(source)  # type: ignore[assignment]
+    return sae
+
+
+def suite_node(sae: SparseAutoencoder) -> dict[str, Any]:
+    """The config node of a loaded SAE's own suite class, for `benchmark.saes.save_sae`: reloading
+    it (instantiate + load_state_dict) rebuilds the same SAE without the foreign files."""
+    cls = type(sae)
+    node: dict[str, Any] = {"_target_": f"{cls.__module__}.{cls.__qualname__}"}
+    node |= {"d_in": sae.d_in, "d_sae": sae.d_sae}
+    if isinstance(sae, TopKSAE):  # BatchTopK too
+        node["k"] = sae.k
+    if isinstance(sae, JumpReLUSAE):
+        node["threshold_param"] = sae.threshold_param
+    return node
+
+
+def source_of(sae: SparseAutoencoder) -> dict[str, Any] | None:
+    """Where a loaded SAE's weights came from, or None for an SAE trained by the suite."""
+    return getattr(sae, "source", None)
+
+
+def jumprelu_threshold(threshold: Tensor) -> Tensor:
+    """Foreign JumpReLUs compute ReLU(pre) * 1[pre > theta] (Gemma Scope, SAE-Lens,
+    dictionary_learning), which equals the suite's pre * 1[pre > theta] with theta clamped at 0."""
+    return threshold.clamp_min(0.0)

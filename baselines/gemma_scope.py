@@ -1,0 +1,89 @@
+"""Gemma Scope's released JumpReLU SAEs (Lieberum et al. 2024, arXiv 2408.05147): read and write.
+
+Format: one `params.npz` with W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc (d_sae),
+b_dec (d_in), threshold (d_sae), float32, in raw activation units of the hooked site. Gemma
+Scope's own tutorial encodes the input *without* subtracting b_dec:
+
+    pre = x W_enc + b_enc        f = ReLU(pre) * 1[pre > threshold]        x_hat = f W_dec + b_dec
+
+The suite's JumpReLUSAE computes pre = (x - b_dec) W_enc + b_enc', so b_enc' = b_enc + b_dec W_enc
+(`foreign.fold_input_bias`); W_enc, W_dec, b_dec are copied and theta = max(threshold, 0)
+(equal to the ReLU-and-mask above). Writing inverts the fold. On the hub the residual-stream
+SAEs of Gemma 2 9B are `hf://google/gemma-scope-9b-pt-res/layer_<L>/width_<W>/average_l0_<N>/
+params.npz`; layer L reads `blocks.<L>.hook_resid_post`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from baselines.batchtopk import BatchTopKSAE
+from baselines.foreign import (
+    check_sizes,
+    fold_input_bias,
+    fresh,
+    jumprelu_threshold,
+    local_files,
+    record_source,
+    unfold_input_bias,
+)
+from baselines.jumprelu import JumpReLUSAE
+
+PARAMS = "params.npz"
+KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+def load_gemma_scope(
+    path: str | None = None, d_in: int | None = None, d_sae: int | None = None
+) -> JumpReLUSAE:
+    """The Gemma Scope SAE at `path` (params.npz, its folder, or hf://...) as a JumpReLUSAE.
+
+    d_in, d_sae: sizes the caller expects (checked against the file); without a path, the sizes
+    of a fresh JumpReLUSAE (what conf/sae/gemma_scope.yaml builds with no path given).
+    """
+    if path is None:
+        return fresh("gemma_scope", "jumprelu", d_in, d_sae)  # type: ignore[return-value]
+    (file,) = local_files(path, [PARAMS])
+    with np.load(file) as npz:
+        missing = [k for k in KEYS if k not in npz.files]
+        if missing:
+            raise ValueError(f"{file}: not a Gemma Scope params.npz (no {', '.join(missing)})")
+        p = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in KEYS}
+    found = (p["W_enc"].shape[0], p["W_enc"].shape[1])
+    check_sizes("Gemma Scope", d_in, d_sae, found)
+    sae = JumpReLUSAE(*found, threshold_param="direct")
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(p[name])
+        sae.b_enc.copy_(fold_input_bias(p["W_enc"], p["b_enc"], p["b_dec"]))
+        sae.raw_threshold.copy_(jumprelu_threshold(p["threshold"]))
+    source = {"format": "gemma_scope", "path": str(path), "file": str(file)}
+    return record_source(sae.eval(), {**source, "d_in": found[0], "d_sae": found[1]})  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def write_gemma_scope(sae: JumpReLUSAE | BatchTopKSAE, file: str | Path) -> Path:
+    """Write a suite JumpReLU (or BatchTopK, whose inference is a JumpReLU with one threshold)
+    as a Gemma Scope params.npz that reproduces its outputs with Gemma Scope's formula."""
+    if isinstance(sae, BatchTopKSAE):
+        threshold = sae.threshold.clamp_min(0.0).expand(sae.d_sae)
+    elif isinstance(sae, JumpReLUSAE):
+        threshold = sae.threshold
+    else:
+        raise TypeError(f"Gemma Scope's format holds JumpReLU SAEs, not {type(sae).__name__}")
+    W_enc, b_dec = sae.W_enc.detach().float().cpu(), sae.b_dec.detach().float().cpu()
+    arrays: dict[str, torch.Tensor] = {
+        "W_enc": W_enc,
+        "W_dec": sae.W_dec.detach().float().cpu(),
+        "b_enc": unfold_input_bias(W_enc, sae.b_enc.detach().float().cpu(), b_dec),
+        "b_dec": b_dec,
+        "threshold": threshold.detach().float().cpu(),
+    }
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file, "wb") as fh:  # a file object: np.savez would append .npz to other names
+        np.savez(fh, **{k: v.contiguous().numpy() for k, v in arrays.items()})  # type: ignore[arg-type]
+    return file

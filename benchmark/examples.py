@@ -1,0 +1,236 @@
+"""Top-activating examples of an SAE's latents on the held-out split, as JSON and one HTML page.
+
+    python -m benchmark.examples RUN_DIR --latents 0,5,17
+    python -m benchmark.examples RUN_DIR --top 20              # the 20 most frequent latents
+    python -m benchmark.examples RUN_DIR --random 20 --seed 0  # 20 random latents that fired
+
+Reads the run's config.yaml (model, data, cache_dir), result.json (the hook) and SAE; scans the
+first --n-tokens non-special tokens of the evaluation split (`data.token_windows(..., "eval")`:
+windows of data.context_length, BOS first, the split training never reads) with one truncated
+forward pass per batch (stopped after the hooked layer); f = sae(x).f at every position,
+BOS/EOS/pad excluded (set to 0: the suite never scores them). For each latent it keeps the
+--n-examples positions of largest activation, each with its context (--before / --after tokens)
+and that latent's activation on every context token. Writes OUT/examples.json and
+OUT/examples.html (self-contained: inline CSS, no script, no network; tokens shaded by activation
+relative to the latent's largest; hover shows the value). OUT defaults to RUN_DIR/examples.
+
+Knows the run folder, the model loader, the data windows and the SAE's forward; nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from benchmark import data, models
+from benchmark.fileio import atomic_write, write_json_atomic
+from benchmark.results import read_result
+from benchmark.saes import load_sae
+
+
+@dataclass
+class Scan:
+    """The sparse code of every scanned position: position p is (window p // T, token p % T)."""
+
+    tokens: Tensor  # (n_windows, T) token ids
+    rows: Tensor  # (nnz,) flat position of each nonzero activation
+    cols: Tensor  # (nnz,) its latent
+    vals: Tensor  # (nnz,) its value, f = sae(x).f
+    n_tokens: int  # non-special positions scanned
+    d_sae: int
+
+    def latent(self, i: int) -> Tensor:
+        """(n_windows * T,) activations of latent i at every position."""
+        dense = torch.zeros(self.tokens.numel())
+        hit = self.cols == i
+        dense[self.rows[hit]] = self.vals[hit]
+        return dense
+
+    def frequency(self) -> Tensor:
+        """(d_sae,) share of the scanned non-special positions where each latent fires."""
+        return torch.bincount(self.cols, minlength=self.d_sae).double() / max(1, self.n_tokens)
+
+
+def hook_layer(hook: str) -> int:
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    if not match:
+        raise ValueError(f"hook {hook!r} is not a block hook (blocks.<layer>.<name>)")
+    return int(match.group(1))
+
+
+@torch.inference_mode()
+def scan(lm: Any, sae: Any, tokens: Tensor, hook: str, batch_size: int = 8) -> Scan:
+    """Run the model to `hook` and the SAE on every window; keep the nonzero activations."""
+    device = next(sae.parameters()).device
+    mask = data.non_special_mask(tokens, lm.tokenizer)  # (N, T)
+    T, rows, cols, vals = tokens.shape[1], [], [], []
+    captured: dict[str, Tensor] = {}
+
+    def capture(act: Tensor, hook: Any = None) -> None:
+        captured["x"] = act.reshape(*act.shape[:2], -1)  # (B, T, d_in); hook_z flattened
+
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        lm.run_with_hooks(batch.to(device), fwd_hooks=[(hook, capture)],
+                          stop_at_layer=hook_layer(hook) + 1, return_type=None)  # fmt: skip
+        x = captured["x"]  # (B, T, d_in); the SAE reads rows, as in training and evaluation
+        f = sae(x.reshape(-1, x.shape[-1]).float()).f.reshape(*x.shape[:2], -1).cpu()
+        f = f * mask[start : start + batch_size, :, None]  # BOS/EOS/pad never count
+        b, t, latent = torch.nonzero(f > 0, as_tuple=True)
+        rows.append((start + b) * T + t)
+        cols.append(latent)
+        vals.append(f[b, t, latent])
+    return Scan(tokens, torch.cat(rows), torch.cat(cols), torch.cat(vals).float(),
+                int(mask.sum()), sae.d_sae)  # fmt: skip
+
+
+def choose_latents(s: Scan, latents: Sequence[int] | None, top: int | None,
+                   random: int | None, seed: int) -> list[int]:  # fmt: skip
+    """The latents asked for: a list, the `top` most frequent, or `random` of those that fired."""
+    if latents:
+        bad = [i for i in latents if not 0 <= i < s.d_sae]
+        if bad:
+            raise ValueError(f"--latents {bad}: not in [0, d_sae={s.d_sae})")
+        return list(latents)
+    freq = s.frequency()
+    if top:
+        return freq.argsort(descending=True, stable=True)[:top].tolist()
+    alive = torch.nonzero(freq > 0).flatten()
+    pick = torch.randperm(len(alive), generator=torch.Generator().manual_seed(seed))
+    return sorted(alive[pick[: random or 0]].tolist())
+
+
+def latent_examples(s: Scan, i: int, tokenizer: Any, k: int, before: int, after: int) -> dict:
+    """One latent's record: frequency, largest activation, its top-k contexts."""
+    acts, T = s.latent(i), s.tokens.shape[1]
+    n_fired = int((acts > 0).sum())
+    values, positions = acts.topk(min(k, n_fired))  # largest first
+    examples = []
+    for value, pos in zip(values, positions):
+        w, t = divmod(int(pos), T)
+        lo, hi = max(0, t - before), min(T, t + after + 1)
+        ids = s.tokens[w, lo:hi].tolist()
+        examples.append({
+            "window": w, "position": t, "activation": float(value), "start": lo, "focus": t - lo,
+            "token_ids": ids, "tokens": [tokenizer.decode([j]) for j in ids],
+            "activations": acts[w * T + lo : w * T + hi].tolist(),
+        })  # fmt: skip
+    return {
+        "latent": i, "frequency": n_fired / max(1, s.n_tokens),
+        "max_activation": float(acts.max()) if n_fired else 0.0, "examples": examples,
+    }  # fmt: skip
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+h2 { font-size: 1.05em; margin: 1.6em 0 .3em; }
+.meta { color: #666; font-size: .9em; }
+.ex { font-family: ui-monospace, monospace; font-size: .9em; margin: .25em 0;
+      white-space: pre-wrap; line-height: 1.7; }
+.val { display: inline-block; width: 5em; color: #666; }
+.tok { border-radius: 2px; padding: 1px 0; }
+.focus { outline: 1px solid #c00; }
+"""
+
+
+def render_html(doc: dict) -> str:
+    """One self-contained page: every latent, every example, tokens shaded by activation."""
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Top examples: {e(doc['run'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>Top-activating examples</h1><p class=\"meta\">run {e(doc['run'])}; hook "
+        f"{e(doc['hook'])}; {doc['n_tokens']} held-out tokens scanned</p>",
+    ]  # fmt: skip
+    for lat in doc["latents"]:
+        parts.append(f'<section id="latent-{lat["latent"]}"><h2>Latent {lat["latent"]}</h2>'
+                     f'<p class="meta">frequency {lat["frequency"]:.5f}; max activation '
+                     f'{lat["max_activation"]:.4g}</p>')  # fmt: skip
+        top = lat["max_activation"] or 1.0
+        for ex in lat["examples"]:
+            spans = []
+            for j, (tok, act) in enumerate(zip(ex["tokens"], ex["activations"])):
+                alpha = max(0.0, min(1.0, act / top))
+                cls = "tok focus" if j == ex["focus"] else "tok"
+                text = e(tok.replace("\n", "\u21b5"))
+                spans.append(f'<span class="{cls}" data-act="{act:.6g}" title="{act:.4g}" '
+                             f'style="background: rgba(255,110,0,{alpha:.3f})">{text}</span>')  # fmt: skip
+            parts.append(f'<div class="ex"><span class="val">{ex["activation"]:.3f}</span>'
+                         f'{"".join(spans)}</div>')  # fmt: skip
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def examples(run_dir: str | Path, *, latents: Sequence[int] | None = None, top: int | None = None,
+             random: int | None = None, seed: int = 0, n_examples: int = 10,
+             n_tokens: int = 20_000, before: int = 12, after: int = 4, batch_size: int = 8,
+             device: str = "auto", out: str | Path | None = None) -> dict:  # fmt: skip
+    """Scan, choose, write OUT/examples.json and OUT/examples.html; returns the JSON document."""
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert isinstance(cfg, DictConfig)
+    result = read_result(run_dir) or {}
+    hook = result.get("hook") or models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
+    dev = models.resolve_device(device)
+    sae = load_sae(run_dir, dev).eval()
+    lm = models.load_model(cfg.model, dev, cfg.cache_dir)
+    tokens = data.token_windows(cfg.data, lm.tokenizer, "eval", n_tokens, allow_fewer=True)
+    s = scan(lm, sae, tokens, hook, batch_size)
+    chosen = choose_latents(s, latents, top, random, seed)
+    doc = {
+        "run": run_dir.name, "run_dir": str(run_dir), "hook": hook, "model": cfg.model.name,
+        "split": "eval", "context_length": tokens.shape[1], "n_windows": len(tokens),
+        "n_tokens": s.n_tokens, "d_sae": sae.d_sae,
+        "latents": [latent_examples(s, i, lm.tokenizer, n_examples, before, after) for i in chosen],
+    }  # fmt: skip
+    folder = Path(out) if out else run_dir / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "examples.json", doc)
+    page = render_html(doc)
+    atomic_write(folder / "examples.html", lambda p: Path(p).write_text(page, encoding="utf-8"))
+    return doc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmark.examples", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("run_dir", type=Path)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--latents", help="comma-separated latent indices, e.g. 0,5,17")
+    which.add_argument("--top", type=int, help="the N most frequent latents")
+    which.add_argument("--random", type=int, help="N random latents among those that fired")
+    p.add_argument("--seed", type=int, default=0, help="for --random")
+    p.add_argument("--n-examples", type=int, default=10, help="contexts per latent")
+    p.add_argument("--n-tokens", type=int, default=20_000, help="held-out tokens to scan")
+    p.add_argument("--before", type=int, default=12, help="context tokens before the maximum")
+    p.add_argument("--after", type=int, default=4, help="context tokens after the maximum")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/examples)")
+    a = p.parse_args(argv)
+    latents = [int(x) for x in a.latents.split(",")] if a.latents else None
+    try:
+        doc = examples(a.run_dir, latents=latents, top=a.top, random=a.random, seed=a.seed,
+                       n_examples=a.n_examples, n_tokens=a.n_tokens, before=a.before,
+                       after=a.after, batch_size=a.batch_size, device=a.device, out=a.out)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = a.out or a.run_dir / "examples"
+    print(f"{len(doc['latents'])} latents, {doc['n_tokens']} tokens: {out}/examples.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

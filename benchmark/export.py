@@ -1,0 +1,82 @@
+"""Export a trained run's SAE in a released format others can load.
+
+    python -m benchmark.export RUN_DIR --format saelens --out OUT       # cfg.json + sae_weights.safetensors
+    python -m benchmark.export RUN_DIR --format gemma_scope --out OUT   # OUT/params.npz (JumpReLU)
+
+RUN_DIR is a finished run's folder: sae.safetensors + sae_config.yaml (the scale-folded SAE,
+reading raw activations) and result.json (hook, model, d_in, d_sae); config.yaml, when present,
+adds the model's hub name and the context length to SAE-Lens's metadata. The formats and their
+exact weight maps are in baselines/saelens.py and baselines/gemma_scope.py; the same modules load
+them back (tests/test_interop.py checks the round trip).
+
+Knows the run folder's files and the two writers; loads no model and no data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from baselines.gemma_scope import PARAMS, write_gemma_scope
+from baselines.saelens import write_saelens
+from benchmark.results import read_result
+from benchmark.saes import load_sae
+
+FORMATS = ("saelens", "gemma_scope")
+
+
+def saelens_metadata(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """SAE-Lens metadata of a run: hook_name, model_name (the hub name TransformerLens knows,
+    else the suite's model name), context_size, and where it came from."""
+    meta: dict[str, Any] = {"hook_name": result["hook"], "model_name": result.get("model")}
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.exists():
+        cfg = OmegaConf.load(cfg_file)
+        meta["model_name"] = OmegaConf.select(cfg, "model.architecture") or meta["model_name"]
+        meta["context_size"] = OmegaConf.select(cfg, "data.context_length")
+    meta["sae_bench_run"] = result.get("run_id") or run_dir.name
+    return meta
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
+    """Write RUN_DIR's SAE in `fmt` under `out`; returns the files written."""
+    run_dir, out = Path(run_dir), Path(out)
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
+    result = read_result(run_dir)
+    if not result or "hook" not in result:
+        raise ValueError(f"{run_dir}: no result.json with a hook (is the run finished?)")
+    sae = load_sae(run_dir).eval()
+    for key in ("d_in", "d_sae"):
+        if key in result and int(result[key]) != getattr(sae, key):
+            raise ValueError(f"{run_dir}: result.json says {key}={result[key]}, the SAE has "
+                             f"{getattr(sae, key)}")  # fmt: skip
+    if fmt == "gemma_scope":
+        return [write_gemma_scope(sae, out / PARAMS)]  # type: ignore[arg-type]
+    return list(write_saelens(sae, out, saelens_metadata(run_dir, result)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmark.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("run_dir", type=Path, help="a finished run's folder")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", type=Path, required=True, help="folder to write into")
+    args = parser.parse_args(argv)
+    try:
+        written = export(args.run_dir, args.format, args.out)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps([str(p) for p in written]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
