@@ -76,6 +76,8 @@ def curve_hash(cfg: DictConfig) -> str:
 
 
 def sparsity_label(cfg: DictConfig) -> str:
+    if cfg.train.get("name") == "none":  # evaluate-only: the SAE's sparsity is the file's
+        return "given"
     sp = cfg.sparsity
     if sp.mode == "coefficient" and not OmegaConf.is_missing(sp, "coefficient"):
         return f"c{float(sp.coefficient):g}"

@@ -104,12 +104,12 @@ class ResultRecord:
     metrics_version: str
     metric_definitions: dict[str, str]
     metrics: dict[str, float | None]  # flattened into the top level on disk
-    dead_window_tokens: int  # the trainer's window for train_frac_dead (and AuxK)
-    train_l0: float
+    dead_window_tokens: int | None  # the trainer's window for train_frac_dead (and AuxK)
+    train_l0: float | None  # None (and the other train_* fields 0/None): evaluate-only
     train_tokens: int
     train_seconds: float
-    train_tokens_per_s: float
-    peak_memory_mb: float
+    train_tokens_per_s: float | None
+    peak_memory_mb: float | None
     wall_seconds: float
     resumed_from_step: int  # 0 unless the run resumed from a checkpoint
     choices: dict[str, Any]
@@ -117,6 +117,7 @@ class ResultRecord:
     run_dir: str
     history_file: str | None = "history.csv"
     trained_in_group: str | None = None  # fan-out group id, when trained beside other SAEs
+    sae_source: dict[str, Any] | None = None  # where a released/foreign SAE's weights came from
     error: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)  # flattened too
 

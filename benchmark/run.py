@@ -10,15 +10,18 @@ A folder that already holds a complete result.json of the same config is skipped
 interrupted sweep, re-launched with the same command, resumes where it stopped; a result from
 other code is reused with a warning); `rerun=true` re-runs it and keeps the old result beside
 the new. Training checkpoints (train.checkpoint_every) resume a killed run in the same folder.
-Every check that needs no model or data (`plan_run`) runs before the first heavy step; a user
-error (ConfigError) prints one line and exits with status 2.
+Every check that needs no model or data (`plan_run`, `check_writable`) runs before the first
+heavy step. A user error prints one line (`error: ...`) and exits with status 2, whether the
+suite finds it (ConfigError) or Hydra does before the job (`sae=nope`, a bad override: `cli`,
+benchmark/cli_errors.py); a bug keeps its traceback and status 1. HYDRA_FULL_ERROR=1 shows
+every traceback.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import sys
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -33,15 +36,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from baselines.base import SparseAutoencoder
-from benchmark import activations, data, identity, models
+from baselines.foreign import source_of, suite_node
+from benchmark import activations, cli_errors, data, identity, models
 from benchmark.errors import ConfigError
 from benchmark.evaluate import activation_metrics, evaluate_sae
 from benchmark.fileio import DiskFullError
+from benchmark.hub import check_sources
 from benchmark.metrics import METRICS_VERSION, definitions
 from benchmark.results import ResultRecord, git_commit, provenance, read_result, write_result
 from benchmark.saes import build_sae, load_sae, sae_node, save_sae
-from benchmark.train import Sparsity, TrainConfig, train_sae, write_history
-from benchmark.validate import check_run, dictionary_size, site_width
+from benchmark.train import Sparsity, TrainConfig, TrainResult, train_sae, write_history
+from benchmark.validate import check_run, dictionary_size, evaluate_only, site_width
 
 log = logging.getLogger("benchmark.run")
 CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
@@ -78,8 +83,8 @@ class Plan:
     """Everything a run needs that can be built and checked in a second, before any model,
     data or training work: a bad value anywhere fails here, not after the harvest."""
 
-    train: TrainConfig
-    sparsity: Sparsity
+    train: TrainConfig | None  # None: evaluate-only (train=none)
+    sparsity: Sparsity | None
     sae: SparseAutoencoder
     node: DictConfig  # the resolved SAE node (saved beside the weights)
     d_in: int
@@ -90,31 +95,38 @@ class Plan:
 
 def plan_run(cfg: DictConfig) -> Plan:
     check_run(cfg)
+    d_in = site_width(cfg)
+    hashes = identity.config_hash(cfg), identity.curve_hash(cfg)
+    if evaluate_only(cfg):  # a released or foreign SAE: sizes and sparsity come from its file
+        sae = build_sae(cfg.sae, d_in, d_sae=None)
+        node = OmegaConf.create(suite_node(sae))
+        return Plan(None, None, sae, node, d_in, sae.d_sae, *hashes)
     train_cfg = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))  # type: ignore[arg-type]
     sparsity = Sparsity(cfg.sparsity.mode, cfg.sparsity.get("target_l0"))
-    d_in = site_width(cfg)
     d_sae = dictionary_size(cfg, d_in)
     # The seed is set right before the SAE is built, so its initial weights do not depend on
     # whether this run harvested (or on anything else that draws random numbers first).
     torch.manual_seed(int(cfg.seed))
     sae = build_sae(cfg.sae, d_in, d_sae)
-    return Plan(
-        train_cfg, sparsity, sae, sae_node(cfg.sae, d_in, d_sae), d_in, d_sae,
-        identity.config_hash(cfg), identity.curve_hash(cfg),
-    )  # fmt: skip
+    return Plan(train_cfg, sparsity, sae, sae_node(cfg.sae, d_in, d_sae), d_in, d_sae, *hashes)
 
 
-def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
-    t_start = time.perf_counter()
-    plan = plan_run(cfg)
-    device = models.resolve_device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    model = LazyModel(cfg, device)
-    # The hook is checked against the loaded model's hook names on every run (a cache hit
-    # too); the model is needed for the spliced evaluation anyway.
-    hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site, bridge=model())
+@dataclass
+class Trained:
+    """What the training stage hands on (the SAE is trained and scale-folded in place)."""
 
+    result: TrainResult | None  # None: evaluate-only
+    norm_scale: float
+    activation_cache: str
+    resumed_from_step: int
+    logger: Any = None  # finished once the result is written
+
+
+def train_stage(cfg: DictConfig, plan: Plan, model: LazyModel, out: Path) -> Trained:
+    sae = plan.sae
+    if plan.train is None or plan.sparsity is None:  # evaluate-only: raw activations, no scale
+        save_sae(sae, out, plan.node)
+        return Trained(None, 1.0, "", 0)
     stage("activations", out)
     store = activations.get_activation_store(model, cfg, split="train")
     if store.d_in != plan.d_in:
@@ -122,8 +134,6 @@ def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
             f"site={cfg.site.name}: the activations have width {store.d_in} but the model "
             f"config says {plan.d_in} (model.d_model / n_heads * d_head)"
         )
-    sae = plan.sae.to(device)
-
     ckpt = out / "checkpoint.pt"
     resumed = _checkpoint_step(ckpt)
     if resumed:
@@ -131,26 +141,69 @@ def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
     stage(f"train {type(sae).__name__} d_in={plan.d_in} d_sae={plan.d_sae}", out)
     logger = instantiate(cfg.logger)
     logger.start(OmegaConf.to_container(cfg, resolve=True), out.name, str(out))
+    batch_size = plan.train.batch_size
 
     def batches(skip: int):
-        it = store.batches(plan.train.batch_size, seed=int(cfg.seed))
+        it = store.batches(batch_size, seed=int(cfg.seed))
         for _ in range(skip):  # resume: the same seeded stream, fast-forwarded
             next(it)
         return it
 
-    trained = train_sae(
+    result = train_sae(
         sae, batches, plan.train, plan.sparsity, checkpoint_path=ckpt,
         log=logger.log, progress=cfg.get("progress", True),
     )  # fmt: skip
-    write_history(out / "history.csv", trained.history)
+    write_history(out / "history.csv", result.history)
     sae.fold_scale(store.norm_scale)
     save_sae(sae, out, plan.node)
+    return Trained(result, store.norm_scale, str(store.key), resumed, logger)
+
+
+def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
+    t_start = time.perf_counter()
+    plan = plan_run(cfg)
+    check_sources(cfg)  # hub sources: available offline or reachable, in seconds
+    device = models.resolve_device(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    model = LazyModel(cfg, device)
+    # The hook is checked against the loaded model's hook names on every run (a cache hit
+    # too); the model is needed for the spliced evaluation anyway.
+    hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site, bridge=model())
+    plan.sae.to(device)
+    trained = train_stage(cfg, plan, model, out)
 
     stage("evaluate", out)
-    eval_store, act_metrics, freq = activation_stage(cfg, sae, model, device)
+    eval_store, act_metrics, freq = activation_stage(cfg, plan.sae, model, device)
     np.save(out / "firing_frequency.npy", freq.numpy())
-    lm_metrics = evaluate_stage(cfg, sae, model(), hook, device)
-    record = ResultRecord(
+    lm_metrics = evaluate_stage(cfg, plan.sae, model(), hook, device)
+    record = build_record(cfg, plan, trained, out, choices, hook, device)
+    record.eval_activation_cache = str(eval_store.key)
+    record.metrics.update(act_metrics, **lm_metrics)
+    record.wall_seconds = time.perf_counter() - t_start
+    write_result(out, record)
+    m = record.metrics
+    log.info(
+        "[%s] done in %.0fs: l0=%.1f fvu=%.4f delta_lm_loss=%.4f frac_dead=%.4f (%d held-out tokens)",
+        out.name, record.wall_seconds, m["l0"], m["fvu"], m["delta_lm_loss"], m["frac_dead"],
+        m["n_activation_tokens"],
+    )  # fmt: skip
+    _after_result(out, trained.logger, m)
+    return record
+
+
+def build_record(
+    cfg: DictConfig, plan: Plan, trained: Trained, out: Path, choices: dict[str, Any],
+    hook: str, device: torch.device,
+) -> ResultRecord:  # fmt: skip
+    """The result record, metrics still to be filled in by the caller."""
+    t, sp, sae = trained.result, plan.sparsity, plan.sae
+    source = source_of(sae)
+    if source and source.get("hook_name") not in (None, hook):
+        log.warning("[%s] %s was trained at %s, evaluated at %s", out.name,
+                    source.get("path"), source.get("hook_name"), hook)  # fmt: skip
+    coefficient_mode = sp is not None and sp.mode == "coefficient"
+    return ResultRecord(
         run_id=out.name,
         config_hash=plan.config_hash,
         curve_hash=plan.curve_hash,
@@ -162,45 +215,36 @@ def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
         site=cfg.site.name,
         hook=hook,
         sae=str(choices.get("sae") or type(sae).__name__),
-        sparsity=identity.sparsity_label(cfg),
-        sparsity_mode=plan.sparsity.mode,
-        target_l0=plan.sparsity.target_l0,
-        sparsity_coefficient=cfg.sparsity.get("coefficient")
-        if plan.sparsity.mode == "coefficient"
-        else None,
-        coefficient=trained.coefficient if sae.coefficient else None,
+        sparsity=identity.sparsity_label(cfg) if sp is not None else "given",
+        sparsity_mode=sp.mode if sp is not None else "given",
+        target_l0=sp.target_l0 if sp is not None else None,
+        sparsity_coefficient=cfg.sparsity.get("coefficient") if coefficient_mode else None,
+        coefficient=t.coefficient if t is not None and sae.coefficient else None,
         seed=int(cfg.seed),
         d_in=plan.d_in,
         d_sae=plan.d_sae,
-        norm_scale=store.norm_scale,
-        activation_cache=str(store.key),
+        norm_scale=trained.norm_scale,
+        activation_cache=trained.activation_cache,
         activation_source="stream" if cfg.data.get("stream") else "cache",
-        eval_activation_cache=str(eval_store.key),
+        eval_activation_cache="",
         metrics_version=METRICS_VERSION,
         metric_definitions=definitions(),
-        metrics={**act_metrics, **lm_metrics, "train_frac_dead": trained.final_frac_dead},
-        dead_window_tokens=trained.dead_window_tokens,
-        train_l0=trained.train_l0,
-        train_tokens=trained.tokens,
-        train_seconds=trained.seconds,
-        train_tokens_per_s=trained.tokens_per_s,
-        peak_memory_mb=trained.peak_memory_mb,
-        wall_seconds=time.perf_counter() - t_start,
-        resumed_from_step=resumed,
+        metrics={"train_frac_dead": t.final_frac_dead if t is not None else None},
+        dead_window_tokens=t.dead_window_tokens if t is not None else None,
+        train_l0=t.train_l0 if t is not None else None,
+        train_tokens=t.tokens if t is not None else 0,
+        train_seconds=t.seconds if t is not None else 0.0,
+        train_tokens_per_s=t.tokens_per_s if t is not None else None,
+        peak_memory_mb=t.peak_memory_mb if t is not None else None,
+        wall_seconds=0.0,
+        resumed_from_step=trained.resumed_from_step,
         choices=choices,
         config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
         run_dir=str(out),
+        history_file="history.csv" if t is not None else None,
+        sae_source=source,
         provenance=provenance(device),
     )
-    write_result(out, record)
-    m = record.metrics
-    log.info(
-        "[%s] done in %.0fs: l0=%.1f fvu=%.4f delta_lm_loss=%.4f frac_dead=%.4f (%d held-out tokens)",
-        out.name, record.wall_seconds, m["l0"], m["fvu"], m["delta_lm_loss"], m["frac_dead"],
-        m["n_activation_tokens"],
-    )  # fmt: skip
-    _after_result(out, logger, m)
-    return record
 
 
 def _after_result(out: Path, logger: Any, metrics: dict[str, Any]) -> None:
@@ -208,7 +252,8 @@ def _after_result(out: Path, logger: Any, metrics: dict[str, Any]) -> None:
     one: a failure is logged as a warning and the complete record stays."""
     try:
         (out / "checkpoint.pt").unlink(missing_ok=True)  # the weights are saved; free the space
-        logger.finish(metrics)
+        if logger is not None:
+            logger.finish(metrics)
     except Exception as e:  # noqa: BLE001
         log.warning("[%s] after the result was written: %s: %s", out.name, type(e).__name__, e)
 
@@ -229,7 +274,9 @@ def activation_stage(cfg: DictConfig, sae, model: Any, device: torch.device):
     batches = store.batches(
         int(cfg.eval.activation_batch_size), seed=0, epochs=1, normalise=False, shuffle=False
     )
-    metrics, freq = activation_metrics(sae.eval(), batches, device)
+    metrics, freq = activation_metrics(
+        sae.eval(), batches, device, total=store.n_tokens, progress=cfg.get("progress", True)
+    )
     return store, metrics, freq
 
 
@@ -240,6 +287,7 @@ def evaluate_stage(cfg: DictConfig, sae, lm, hook: str, device: torch.device):
     return evaluate_sae(
         lm, sae.eval(), tokens, mask, hook, batch_size=int(cfg.eval.batch_size),
         cache_dir=cfg.cache_dir, model_key=activations.model_key(cfg), kl_div=bool(cfg.eval.kl_div),
+        progress=cfg.get("progress", True),
     )  # fmt: skip
 
 
@@ -303,23 +351,51 @@ def record_failure(out: Path, e: BaseException, choices: dict[str, Any], cfg: Di
     })  # fmt: skip
 
 
+def check_writable(cfg: DictConfig) -> None:
+    """results_dir and cache_dir are folders this process can create and write in; checked
+    before any model, data or training work (ConfigError names the key and the path)."""
+    for key in ("results_dir", "cache_dir"):
+        path = Path(str(cfg[key]))
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}={path}: is a file, not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"{key}={path}: cannot create this folder ({e.strerror or e})"
+            ) from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={path}: this folder is not writable")
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     choices = {g: hc.runtime.choices.get(g) for g in CHOICE_GROUPS}
     try:
+        check_writable(cfg)
         done = check_folder(cfg, out)
         if done is not None:
             return done.get("delta_lm_loss")
         return run(cfg, out, choices).metrics["delta_lm_loss"]
     except (ConfigError, DiskFullError) as e:  # a user error: one line, exit 2, no traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        if cli_errors.debug():  # HYDRA_FULL_ERROR=1: the full traceback instead
+            raise
+        cli_errors.fail(str(e))
     except Exception as e:
         record_failure(out, e, choices, cfg)
         raise
 
 
+def cli() -> None:
+    """`python -m benchmark.run [overrides]`: the Hydra app, where Hydra's own user errors (a
+    bad override, an unknown option, group or key, a run folder that cannot be created) end
+    like the suite's: one `error: ...` line on stderr and exit status 2 (benchmark.cli_errors).
+    Bugs keep their traceback and status 1; HYDRA_FULL_ERROR=1 shows every traceback."""
+    with cli_errors.one_line_errors():
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -15,18 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from baselines.base import SparseAutoencoder
+from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.yaml"
 
 
-def sae_node(sae_cfg: DictConfig | dict[str, Any], d_in: int, d_sae: int) -> DictConfig:
-    """The resolved SAE node with the runner-supplied sizes filled in."""
+def sae_node(sae_cfg: DictConfig | dict[str, Any], d_in: int, d_sae: int | None) -> DictConfig:
+    """The resolved SAE node with the runner-supplied sizes filled in (d_sae None: a loader
+    of a released SAE, whose size is the file's)."""
     plain = (
         OmegaConf.to_container(sae_cfg, resolve=True)
         if isinstance(sae_cfg, DictConfig)
@@ -34,12 +37,22 @@ def sae_node(sae_cfg: DictConfig | dict[str, Any], d_in: int, d_sae: int) -> Dic
     )
     node = OmegaConf.create(plain)
     assert isinstance(node, DictConfig)
-    node.d_in, node.d_sae = int(d_in), int(d_sae)
+    node.d_in = int(d_in)
+    node.d_sae = int(d_sae) if d_sae is not None else None
     return node
 
 
-def build_sae(sae_cfg: DictConfig | dict[str, Any], d_in: int, d_sae: int) -> SparseAutoencoder:
-    sae = instantiate(sae_node(sae_cfg, d_in, d_sae))
+def build_sae(
+    sae_cfg: DictConfig | dict[str, Any], d_in: int, d_sae: int | None
+) -> SparseAutoencoder:
+    try:
+        sae = instantiate(sae_node(sae_cfg, d_in, d_sae))
+    except InstantiationException as e:
+        # An architecture's own check (k out of range, bandwidth <= 0, ...) is a user error;
+        # the classes cannot raise ConfigError themselves (baselines never import benchmark).
+        if isinstance(e.__cause__, (ValueError, TypeError, FileNotFoundError)):
+            raise ConfigError(f"sae={sae_cfg['_target_']}: {e.__cause__}") from None
+        raise
     if not isinstance(sae, SparseAutoencoder):
         raise TypeError(
             f"sae._target_={sae_cfg['_target_']!r} built a {type(sae).__name__}, "

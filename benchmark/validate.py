@@ -75,8 +75,50 @@ def site_width(cfg: DictConfig) -> int:
 
 
 def dictionary_size(cfg: DictConfig, d_in: int) -> int:
+    """train.width if set, else train.width_factor x d_in (checked by `check_width`)."""
     width = cfg.train.get("width")
-    return int(width) if width else int(cfg.train.width_factor * d_in)
+    return int(width) if width is not None else int(cfg.train.width_factor * d_in)
+
+
+def check_width(cfg: DictConfig) -> None:
+    width, factor = cfg.train.get("width"), cfg.train.get("width_factor")
+    if width is not None and not _pos_int(width):
+        raise ConfigError(f"train.width={width!r} must be a positive integer (d_sae) or null")
+    if width is None:
+        ok = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+        if not ok or not math.isfinite(factor) or int(factor * site_width(cfg)) < 1:
+            raise ConfigError(
+                f"train.width_factor={factor!r} must be a number > 0 (d_sae = width_factor x "
+                f"d_in = {site_width(cfg)}), or set train.width"
+            )
+
+
+# Top-level keys of conf/config.yaml; anything else (`+foo=1`) is a typo that would silently
+# change the config hash.
+ROOT_KEYS = {
+    *("model", "layer", "site", "sae", "sparsity", "data", "train", "eval", "logger", "seed"),
+    *("device", "experiment_name", "results_dir", "cache_dir", "rerun", "progress"),
+}
+
+
+def check_root(cfg: DictConfig) -> None:
+    unknown = sorted(str(k) for k in cfg.keys() if k not in ROOT_KEYS and k != "hydra")
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(sorted(ROOT_KEYS))}"
+        )
+    n_layers, layer = cfg.model.get("n_layers"), cfg.layer.get("index")
+    if not _pos_int(layer + 1 if isinstance(layer, int) else None) or (
+        _pos_int(n_layers) and layer >= n_layers
+    ):
+        raise ConfigError(
+            f"layer.index={layer!r} is out of range for model={cfg.model.name}: valid 0.."
+            f"{n_layers - 1 if _pos_int(n_layers) else '?'}"
+        )
+    if cfg.data.get("source") == "local" and (
+        OmegaConf.is_missing(cfg.data, "path") or not cfg.data.get("path")
+    ):
+        raise ConfigError("data=local needs data.path=<a .txt/.jsonl/.parquet file or a folder>")
 
 
 # The keys each group may hold, with a check per key: (predicate, what would be valid).
@@ -162,12 +204,26 @@ def check_seed(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={seed!r} must be an integer in [0, 2**32)")
 
 
+def evaluate_only(cfg: DictConfig) -> bool:
+    """train=none: no training; the SAE is loaded from `sae.path` (conf/train/none.yaml)."""
+    return cfg.train.get("name") == "none"
+
+
 def check_run(cfg: DictConfig) -> None:
     """All cheap checks of one run's config (raises ConfigError naming the bad value)."""
+    check_root(cfg)
     check_targets(cfg)
     check_seed(cfg)
     check_group("data", cfg.data, DATA_KEYS)
     check_group("eval", cfg.eval, EVAL_KEYS)
+    if evaluate_only(cfg):  # the SAE comes from a file: its size and sparsity are the file's
+        if not cfg.sae.get("path"):
+            raise ConfigError(
+                "train=none evaluates a given SAE: use sae=gemma_scope, saelens or "
+                "dictionary_learning with sae.path=<file, folder or hf://owner/repo/...>"
+            )
+        return
+    check_width(cfg)
     d_sae = dictionary_size(cfg, site_width(cfg))
     sp = cfg.sparsity
     if sp.mode == "target_l0":

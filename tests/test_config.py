@@ -14,7 +14,10 @@ from tests.helpers import CONF, compose_config
 GROUPS = ["model", "layer", "site", "sae", "sparsity", "data", "train", "eval", "logger"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-NEEDS = {"coefficient": ["sparsity.coefficient=0.001", "sae=jumprelu"]}
+NEEDS = {
+    "coefficient": ["sparsity.coefficient=0.001", "sae=jumprelu"],
+    "none": ["sae=gemma_scope", "sae.path=/some/params.npz"],  # evaluate-only: a given SAE
+}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -22,7 +25,7 @@ def test_every_group_option_composes_and_validates(group, option):
     cfg = compose_config([f"{group}={option}", *NEEDS.get(option, [])])
     check_run(cfg)
     d_in = site_width(cfg)
-    if group in ("sae", "sparsity", "train", "site"):  # the SAE is built for real
+    if group in ("sae", "sparsity", "train", "site") and option != "none":  # built for real
         sae = build_sae(cfg.sae, d_in, min(dictionary_size(cfg, d_in), 4096))
         assert sae.d_in == d_in
     if group == "logger":
@@ -161,3 +164,9 @@ def test_a_user_error_is_one_line_and_exit_status_2(tmp_path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "train.lr" in errors[0] and "abc" in errors[0]
     assert "Traceback" not in run.stderr
+
+
+def test_evaluate_only_needs_a_given_sae():
+    with pytest.raises(ConfigError, match=r"train=none evaluates a given SAE: use sae=gemma_scope"):
+        check_run(compose_config(["train=none"]))
+    check_run(compose_config(["train=none", "sae=saelens", "sae.path=/x"]))  # sizes: the file's

@@ -147,3 +147,34 @@ def test_a_second_launch_skips_finished_jobs(sweep):
     out = run.stdout + run.stderr
     assert run.returncode == 0 and "already complete" in out, out[-2000:]
     assert " train " not in out  # nothing was trained again
+
+
+def test_an_exported_sae_evaluated_back_gives_its_metrics_and_joins_the_report(sweep):
+    """export (SAE-Lens layout) -> `train=none sae=saelens sae.path=...` (evaluate-only) gives
+    the trained run's metrics, and lands in the same report as the trained runs."""
+    tmp, _, _ = sweep
+    run_dir = sorted((tmp / "results" / "smoke").glob("*topk_l0_10*"))[0]
+    saved = json.loads((run_dir / "result.json").read_text())
+    out = tmp / "exported"
+    export = subprocess.run(
+        [sys.executable, "-m", "benchmark.export", str(run_dir), "--format", "saelens",
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr[-2000:]
+    cmd = [sys.executable, "-m", "benchmark.run", "+experiment=smoke", "hydra.mode=RUN",
+           "train=none", "sae=saelens", f"sae.path={out}", f"results_dir={tmp / 'results'}",
+           f"cache_dir={ROOT / '.cache'}"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (path,) = (tmp / "results" / "smoke").glob("*_saelens_given_*/result.json")
+    given = json.loads(path.read_text())
+    assert given["sae_source"]["format"] == "saelens" and given["train_tokens"] == 0
+    for key in ("l0", "fvu", "frac_dead", "delta_lm_loss", "spliced_ce_loss"):
+        assert given[key] == pytest.approx(saved[key], rel=1e-4, abs=1e-6), key
+    report = subprocess.run(
+        [sys.executable, "-m", "benchmark.report", str(tmp / "results" / "smoke"), "--out",
+         str(tmp / "report2")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    runs = pd.read_csv(tmp / "report2" / "table2_runs.csv")
+    assert set(runs.sae) >= {"saelens", "topk", "shifted_relu"}
