@@ -17,6 +17,7 @@ PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 NEEDS = {
     "coefficient": ["sparsity.coefficient=0.001", "sae=jumprelu"],
     "none": ["sae=gemma_scope", "sae.path=/some/params.npz"],  # evaluate-only: a given SAE
+    "local": ["data.path=/some/corpus.txt"],  # data=local needs a path (checked up front)
 }
 
 
@@ -164,6 +165,11 @@ def test_a_user_error_is_one_line_and_exit_status_2(tmp_path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "train.lr" in errors[0] and "abc" in errors[0]
     assert "Traceback" not in run.stderr
+
+
+def test_local_data_without_a_path_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"data=local needs data.path="):
+        check_run(compose_config(["data=local"]))
 
 
 def test_evaluate_only_needs_a_given_sae():

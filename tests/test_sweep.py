@@ -178,3 +178,51 @@ def test_an_exported_sae_evaluated_back_gives_its_metrics_and_joins_the_report(s
     assert report.returncode == 0, report.stderr[-2000:]
     runs = pd.read_csv(tmp / "report2" / "table2_runs.csv")
     assert set(runs.sae) >= {"saelens", "topk", "shifted_relu"}
+
+
+def test_evaluate_only_runs_of_each_foreign_format_join_the_report(sweep):
+    """A TopK SAE written in dictionary_learning's layout (AutoEncoderTopK: encoder.weight is
+    (d_sae, d_in), decoder.weight (d_in, d_sae)) evaluates to exactly the trained run's
+    metrics; a JumpReLU written in Gemma Scope's params.npz (its weights, a threshold) is
+    evaluated and reported beside the trained runs."""
+    import torch
+
+    from baselines.gemma_scope import write_gemma_scope
+    from baselines.jumprelu import JumpReLUSAE
+    from benchmark.saes import load_sae
+
+    tmp, _, _ = sweep
+    run_dir = sorted((tmp / "results" / "smoke").glob("*topk_l0_10*"))[0]
+    saved = json.loads((run_dir / "result.json").read_text())
+    topk = load_sae(run_dir)
+    w = {k: v.detach() for k, v in topk.state_dict().items()}
+    dl = tmp / "dl_topk"
+    dl.mkdir()
+    torch.save({"encoder.weight": w["W_enc"].t().contiguous(), "encoder.bias": w["b_enc"],
+                "decoder.weight": w["W_dec"].t().contiguous(), "b_dec": w["b_dec"],
+                "k": torch.tensor(topk.k), "threshold": torch.tensor(-1.0)}, dl / "ae.pt")  # fmt: skip
+    trainer = {"dict_class": "AutoEncoderTopK", "activation_dim": topk.d_in,
+               "dict_size": topk.d_sae, "k": topk.k, "layer": 2}  # fmt: skip
+    (dl / "config.json").write_text(json.dumps({"trainer": trainer}))
+    jr = JumpReLUSAE(topk.d_in, topk.d_sae, threshold_init=0.5)
+    jr.load_state_dict({**w, "raw_threshold": jr.state_dict()["raw_threshold"]})
+    gs = write_gemma_scope(jr, tmp / "gs" / "params.npz")
+    base = [sys.executable, "-m", "benchmark.run", "+experiment=smoke", "hydra.mode=RUN",
+            "train=none", f"results_dir={tmp / 'results'}", f"cache_dir={ROOT / '.cache'}"]  # fmt: skip
+    for fmt, path in (("dictionary_learning", dl), ("gemma_scope", gs)):
+        run = subprocess.run([*base, f"sae={fmt}", f"sae.path={path}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (dl_result,) = (tmp / "results" / "smoke").glob("*_dictionary_learning_given_*/result.json")
+    got = json.loads(dl_result.read_text())
+    for key in ("l0", "fvu", "frac_dead", "delta_lm_loss"):
+        assert got[key] == pytest.approx(saved[key], rel=1e-4, abs=1e-6), key
+    (gs_result,) = (tmp / "results" / "smoke").glob("*_gemma_scope_given_*/result.json")
+    assert json.loads(gs_result.read_text())["sae_source"]["format"] == "gemma_scope"
+    report = subprocess.run(
+        [sys.executable, "-m", "benchmark.report", str(tmp / "results" / "smoke"), "--out",
+         str(tmp / "report3")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    runs = pd.read_csv(tmp / "report3" / "table2_runs.csv")
+    assert {"dictionary_learning", "gemma_scope", "topk"} <= set(runs.sae)
