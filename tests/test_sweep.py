@@ -166,6 +166,8 @@ def test_an_exported_sae_evaluated_back_gives_its_metrics_and_joins_the_report(s
            f"cache_dir={ROOT / '.cache'}"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    # A single run (no -m) used to print a SweepProgress warning about hydra.job.num.
+    assert "MissingMandatoryValue" not in run.stdout + run.stderr
     (path,) = (tmp / "results" / "smoke").glob("*_saelens_given_*/result.json")
     given = json.loads(path.read_text())
     assert given["sae_source"]["format"] == "saelens" and given["train_tokens"] == 0
