@@ -101,6 +101,9 @@ ROOT_KEYS = {
 }
 
 
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # as benchmark.models.DTYPES + auto
+
+
 def check_root(cfg: DictConfig) -> None:
     unknown = sorted(str(k) for k in cfg.keys() if k not in ROOT_KEYS and k != "hydra")
     if unknown:
@@ -115,6 +118,9 @@ def check_root(cfg: DictConfig) -> None:
             f"layer.index={layer!r} is out of range for model={cfg.model.name}: valid 0.."
             f"{n_layers - 1 if _pos_int(n_layers) else '?'}"
         )
+    dtype = cfg.model.get("dtype")
+    if dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
     if cfg.data.get("source") == "local" and (
         OmegaConf.is_missing(cfg.data, "path") or not cfg.data.get("path")
     ):

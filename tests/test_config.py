@@ -103,6 +103,10 @@ def test_sparsity_coefficient_flows_into_the_sae():
         ("eval.n_activation_tokens=-5", r"eval\.n_activation_tokens=-5 is invalid"),
         ("seed=-1", r"seed=-1 must be an integer in \[0, 2\*\*32\)"),
         ("sparsity.target_l0=abc", r"sparsity\.target_l0=abc must be in \[1, d_sae="),
+        ("model.dtype=float8", r"model\.dtype='float8' is not one of auto, float32"),
+        ("layer.index=99", r"layer\.index=99 is out of range for model=smollm2_135m: valid 0\.\.29"),
+        ("+foo=1", r"unknown top-level key\(s\) foo; valid: "),
+        ("train.width=0", r"train\.width=0 must be a positive integer"),
     ],
 )  # fmt: skip
 def test_data_eval_seed_and_sparsity_values_are_checked_up_front(override, message):
