@@ -223,19 +223,26 @@ class StreamingStore:
 Store = ActivationStore | StreamingStore
 
 
-def get_activation_store(model: ModelArg, cfg: Any, split: Split = "train") -> Store:
+def get_activation_store(
+    model: ModelArg, cfg: Any, split: Split = "train", n_tokens: int | None = None
+) -> Store:
     """The activations of `cfg.layer.index` at `cfg.site` (see `get_activation_stores`)."""
-    return get_activation_stores(model, cfg, split, [cfg.site])[cfg.site.name]
+    return get_activation_stores(model, cfg, split, [cfg.site], n_tokens)[cfg.site.name]
 
 
 def get_activation_stores(
-    model: ModelArg, cfg: Any, split: Split = "train", sites: Sequence[Any] | None = None
+    model: ModelArg,
+    cfg: Any,
+    split: Split = "train",
+    sites: Sequence[Any] | None = None,
+    n_tokens: int | None = None,
 ) -> dict[str, Store]:
     """The cached activations of `cfg.layer.index` for each of `sites` (default: `cfg.site`).
 
     `model`: a TransformerBridge, a zero-argument callable returning one, or None (then it is
     loaded from `cfg.model` on a cache miss only: a hit never loads a model). `split` picks
-    `data.n_train_tokens` or `data.n_eval_tokens`. Site configs each have `name` and `hook`;
+    `data.n_train_tokens` or `data.n_eval_tokens`, unless `n_tokens` is given (the held-out
+    activation set: `eval.n_activation_tokens`). Site configs each have `name` and `hook`;
     every missing one is harvested in the same forward pass. Returns {site name: store}. With
     `data.stream: true` the train split is a `StreamingStore` instead (one per site); the eval
     split is always cached.
@@ -245,7 +252,7 @@ def get_activation_stores(
     hooks = {s.name: hook_name(cfg.model, layer, s) for s in site_cfgs}  # config errors first
     if split == "train" and cfg.data.get("stream", False):
         return {s.name: _streaming_store(model, cfg, s) for s in site_cfgs}
-    n_tokens = _budget(cfg.data, split)
+    n_tokens = _budget(cfg.data, split) if n_tokens is None else n_tokens
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     root = Path(cfg.cache_dir) / "activations"

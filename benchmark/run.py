@@ -19,7 +19,6 @@ every traceback.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -118,7 +117,6 @@ class Trained:
     result: TrainResult | None  # None: evaluate-only
     norm_scale: float
     activation_cache: str
-    resumed_from_step: int
     logger: Any = None  # finished once the result is written
 
 
@@ -126,7 +124,7 @@ def train_stage(cfg: DictConfig, plan: Plan, model: LazyModel, out: Path) -> Tra
     sae = plan.sae
     if plan.train is None or plan.sparsity is None:  # evaluate-only: raw activations, no scale
         save_sae(sae, out, plan.node)
-        return Trained(None, 1.0, "", 0)
+        return Trained(None, 1.0, "")
     stage("activations", out)
     store = activations.get_activation_store(model, cfg, split="train")
     if store.d_in != plan.d_in:
@@ -134,10 +132,6 @@ def train_stage(cfg: DictConfig, plan: Plan, model: LazyModel, out: Path) -> Tra
             f"site={cfg.site.name}: the activations have width {store.d_in} but the model "
             f"config says {plan.d_in} (model.d_model / n_heads * d_head)"
         )
-    ckpt = out / "checkpoint.pt"
-    resumed = _checkpoint_step(ckpt)
-    if resumed:
-        log.info("[%s] resuming from the checkpoint at step %d", out.name, resumed)
     stage(f"train {type(sae).__name__} d_in={plan.d_in} d_sae={plan.d_sae}", out)
     logger = instantiate(cfg.logger)
     logger.start(OmegaConf.to_container(cfg, resolve=True), out.name, str(out))
@@ -150,13 +144,13 @@ def train_stage(cfg: DictConfig, plan: Plan, model: LazyModel, out: Path) -> Tra
         return it
 
     result = train_sae(
-        sae, batches, plan.train, plan.sparsity, checkpoint_path=ckpt,
+        sae, batches, plan.train, plan.sparsity, checkpoint_path=out / "checkpoint.pt",
         log=logger.log, progress=cfg.get("progress", True),
     )  # fmt: skip
     write_history(out / "history.csv", result.history)
     sae.fold_scale(store.norm_scale)
     save_sae(sae, out, plan.node)
-    return Trained(result, store.norm_scale, str(store.key), resumed, logger)
+    return Trained(result, store.norm_scale, str(store.key), logger)
 
 
 def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
@@ -177,10 +171,11 @@ def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
     eval_store, act_metrics, freq = activation_stage(cfg, plan.sae, model, device)
     np.save(out / "firing_frequency.npy", freq.numpy())
     lm_metrics = evaluate_stage(cfg, plan.sae, model(), hook, device)
-    record = build_record(cfg, plan, trained, out, choices, hook, device)
-    record.eval_activation_cache = str(eval_store.key)
-    record.metrics.update(act_metrics, **lm_metrics)
-    record.wall_seconds = time.perf_counter() - t_start
+    metrics = {**act_metrics, **lm_metrics}
+    record = build_record(
+        cfg, plan, trained, out, choices, hook, device, metrics, str(eval_store.key)
+    )
+    record.wall_seconds = time.perf_counter() - t_start  # the whole run, record included
     write_result(out, record)
     m = record.metrics
     log.info(
@@ -194,9 +189,9 @@ def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
 
 def build_record(
     cfg: DictConfig, plan: Plan, trained: Trained, out: Path, choices: dict[str, Any],
-    hook: str, device: torch.device,
+    hook: str, device: torch.device, metrics: dict[str, Any], eval_activation_cache: str,
 ) -> ResultRecord:  # fmt: skip
-    """The result record, metrics still to be filled in by the caller."""
+    """The result record of a finished run (wall_seconds is set by the caller last)."""
     t, sp, sae = trained.result, plan.sparsity, plan.sae
     source = source_of(sae)
     if source and source.get("hook_name") not in (None, hook):
@@ -226,10 +221,10 @@ def build_record(
         norm_scale=trained.norm_scale,
         activation_cache=trained.activation_cache,
         activation_source="stream" if cfg.data.get("stream") else "cache",
-        eval_activation_cache="",
+        eval_activation_cache=eval_activation_cache,
         metrics_version=METRICS_VERSION,
         metric_definitions=definitions(),
-        metrics={"train_frac_dead": t.final_frac_dead if t is not None else None},
+        metrics={**metrics, "train_frac_dead": t.final_frac_dead if t is not None else None},
         dead_window_tokens=t.dead_window_tokens if t is not None else None,
         train_l0=t.train_l0 if t is not None else None,
         train_tokens=t.tokens if t is not None else 0,
@@ -237,7 +232,7 @@ def build_record(
         train_tokens_per_s=t.tokens_per_s if t is not None else None,
         peak_memory_mb=t.peak_memory_mb if t is not None else None,
         wall_seconds=0.0,
-        resumed_from_step=trained.resumed_from_step,
+        resumed_from_step=t.resumed_from_step if t is not None else 0,
         choices=choices,
         config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
         run_dir=str(out),
@@ -258,19 +253,11 @@ def _after_result(out: Path, logger: Any, metrics: dict[str, Any]) -> None:
         log.warning("[%s] after the result was written: %s: %s", out.name, type(e).__name__, e)
 
 
-def _checkpoint_step(path: Path) -> int:
-    if not path.exists():
-        return 0
-    state = torch.load(path, weights_only=False).get("state")
-    return int(getattr(state, "step", 0))
-
-
 def activation_stage(cfg: DictConfig, sae, model: Any, device: torch.device):
     """L0, FVU and firing frequencies on eval.n_activation_tokens held-out activations (the
     eval split's activation cache, harvested once per site and shared by every SAE)."""
-    act_cfg = copy.deepcopy(cfg)
-    act_cfg.data.n_eval_tokens = int(cfg.eval.n_activation_tokens)
-    store = activations.get_activation_store(model, act_cfg, split="eval")
+    n_tokens = int(cfg.eval.n_activation_tokens)
+    store = activations.get_activation_store(model, cfg, split="eval", n_tokens=n_tokens)
     batches = store.batches(
         int(cfg.eval.activation_batch_size), seed=0, epochs=1, normalise=False, shuffle=False
     )

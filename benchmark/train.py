@@ -26,6 +26,7 @@ Sparsity modes (recorded in the result):
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import resource
 import time
@@ -41,6 +42,8 @@ from baselines.base import SparseAutoencoder
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
 from benchmark.progress import Progress, progress
+
+_log = logging.getLogger(__name__)  # `log` is train_sae's metrics callback
 
 BatchFactory = Callable[[int], Iterator[Tensor]]
 """batches(skip) -> an iterator of (batch, d_in) float tensors, starting after `skip` batches."""
@@ -220,6 +223,7 @@ class TrainResult:
     history: list[dict[str, float]]  # rows at step 1, every log_every steps and the last step
     final_frac_dead: float  # fraction of latents silent for >= dead_window_tokens at the end
     dead_window_tokens: int  # the effective window (TrainConfig.dead_window)
+    resumed_from_step: int = 0  # the checkpoint's step when the run resumed, else 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -333,6 +337,7 @@ def train_sae(
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if ckpt is not None and ckpt.exists():
         state = _load_checkpoint(ckpt, sae, opt)
+        _log.info("resuming from the checkpoint %s at step %d", ckpt, state.step)
     if state.tokens_since_fired is None:
         state.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     calibrate = sparsity.mode == "target_l0" and state.coefficient > 0
@@ -412,6 +417,7 @@ def train_sae(
         history=state.history,
         final_frac_dead=_frac_dead(state, cfg),
         dead_window_tokens=cfg.dead_window,
+        resumed_from_step=step0,
     )
 
 

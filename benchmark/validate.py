@@ -101,7 +101,8 @@ ROOT_KEYS = {
 }
 
 
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # as benchmark.models.DTYPES + auto
+# model.dtype values; benchmark.models maps them to torch dtypes (auto: bf16 on GPU, else fp32).
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_root(cfg: DictConfig) -> None:
