@@ -26,6 +26,7 @@ from benchmark.activations import (
     cache_key,
     get_activation_store,
     get_activation_stores,
+    harvest,
 )
 from benchmark.data import non_special_mask, token_windows
 from benchmark.errors import ActivationError, ConfigError
@@ -64,18 +65,18 @@ def refuse_to_load(*args, **kwargs):
 def three_sites(bundled_model, tmp_path_factory):
     """Residual, MLP and attention of layer 2, harvested together; counts forward passes."""
     calls = []
-    read = activations.read_sites
+    read = harvest.read_sites  # looked up there by the harvest
 
     def counting(*args, **kwargs):
         calls.append(args[3])
         return read(*args, **kwargs)
 
-    activations.read_sites = counting
+    harvest.read_sites = counting
     try:
         cfg = tiny(tmp_path_factory.mktemp("three"))
         stores = get_activation_stores(bundled_model, cfg, sites=site_cfgs())
     finally:
-        activations.read_sites = read
+        harvest.read_sites = read
     return cfg, stores, calls
 
 
@@ -86,7 +87,7 @@ def test_one_pass_fills_every_site(three_sites, monkeypatch):
     for store in stores.values():
         assert not store.from_cache and store.n_tokens == 2000 and store.d_in == 576
         assert len(store.shards) == 4 and sum(r for _, r in store.shards) == 2000
-    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    monkeypatch.setattr(harvest, "load_model", refuse_to_load)
     for name in SITES:  # each site's cache is now a hit, without loading a model
         hit = get_activation_store(
             None, compose_config([f"cache_dir={cfg.cache_dir}", *TINY, f"site={name}"])
@@ -173,7 +174,7 @@ def test_changed_key_gives_a_new_cache(three_sites, bundled_model, monkeypatch):
 
 def test_killed_harvest_resumes(three_sites, bundled_model, tmp_path, monkeypatch, caplog):
     written = []
-    write = activations._write_shard
+    write = harvest._write_shard
 
     def dies_after_two(path, k, x):
         if len(written) == 2:
@@ -181,7 +182,7 @@ def test_killed_harvest_resumes(three_sites, bundled_model, tmp_path, monkeypatc
         write(path, k, x)
         written.append(path / activations._shard_name(k))
 
-    monkeypatch.setattr(activations, "_write_shard", dies_after_two)
+    monkeypatch.setattr(harvest, "_write_shard", dies_after_two)
     cfg = tiny(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         get_activation_store(bundled_model, cfg)
@@ -189,7 +190,7 @@ def test_killed_harvest_resumes(three_sites, bundled_model, tmp_path, monkeypatc
     key_dir = written[0].parent
     assert not (key_dir / "manifest.json").exists()
     assert sorted(p.name for p in key_dir.glob("*.npy")) == ["shard_00000.npy", "shard_00001.npy"]
-    monkeypatch.setattr(activations, "_write_shard", write)
+    monkeypatch.setattr(harvest, "_write_shard", write)
     with caplog.at_level(logging.INFO, logger="benchmark.activations"):
         store = get_activation_store(bundled_model, cfg)
     assert "resuming after 2 completed shards" in caplog.text
@@ -229,7 +230,7 @@ def test_two_processes_share_one_harvest(tmp_path):
 
 
 def test_config_errors_come_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    monkeypatch.setattr(harvest, "load_model", refuse_to_load)
     with pytest.raises(ConfigError, match=r"layer.index=30 .* valid 0\.\.29"):
         get_activation_store(None, tiny(tmp_path, "layer.index=30"))
     with pytest.raises(ConfigError, match="unknown hook 'hook_mlp'"):
@@ -339,7 +340,7 @@ def test_stream_norm_scale_is_cached(stream, monkeypatch):
         raise AssertionError("norm_scale estimated again")
 
     monkeypatch.setattr(activations, "_estimate_norm", refuse)
-    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    monkeypatch.setattr(harvest, "load_model", refuse_to_load)
     again = get_activation_store(None, cfg)  # a hit: no estimate, no model until a batch
     assert again.norm_scale == store.norm_scale and again.key == store.key
 
@@ -481,7 +482,7 @@ def test_old_manifest_is_upgraded(pristine, tmp_path, monkeypatch, caplog):
     """A manifest from before the checks, shards intact: sealed in place with a warning."""
     folder, rows = copy_cache(pristine, tmp_path)
     predates_checksums(folder / "manifest.json")
-    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    monkeypatch.setattr(harvest, "load_model", refuse_to_load)
     with caplog.at_level(logging.WARNING, logger="benchmark.activations"):
         store = get_activation_store(None, tiny(tmp_path))
     assert "manifest predates the integrity checks; recorded the sizes" in caplog.text
@@ -497,7 +498,7 @@ def test_checksums_once_per_process(pristine, tmp_path, monkeypatch):
     hashed = []
     checksum = integrity.checksum
     monkeypatch.setattr(integrity, "checksum", lambda p: hashed.append(p.name) or checksum(p))
-    monkeypatch.setattr(activations, "load_model", refuse_to_load)
+    monkeypatch.setattr(harvest, "load_model", refuse_to_load)
     get_activation_store(None, tiny(tmp_path))
     assert sorted(hashed) == [f"shard_{k:05d}.npy" for k in range(4)]
     get_activation_store(None, tiny(tmp_path))

@@ -1,0 +1,213 @@
+"""Activations: harvest with one truncated forward pass, cache on disk (or stream), serve batches.
+
+Owns the activation cache and everything between token windows and the trainer's batches:
+- Harvest: one forward pass stopped after the layer (`stop_at_layer=layer + 1`) reads every
+  requested site of that layer through capture hooks (`run_with_hooks`; measured no slower than
+  `run_with_cache`, and it keeps only the masked rows). Sites with more than one trailing dim
+  (`attn.hook_z`: (B, T, n_heads, d_head)) are flattened to (B, T, n_heads * d_head). BOS, EOS
+  and pad positions are dropped (`data.non_special_mask`); exactly `n_tokens` rows are kept.
+- Cache: `{cache_dir}/activations/<key>/`, one directory per (model, layer, site, data and its
+  config, split, context length, token count, dtype); the key ends in a hash of all of them, so
+  any change gives a new cache, and every SAE, architecture, sparsity and seed asking for the
+  same key reuses it. Rows are stored in the model's dtype (fp32 for the bundled CPU model:
+  ~2.3 KB per token at d=576, 0.46 GB per 200k tokens; bf16 halves it on GPU), in `.npy` shards
+  of ~`data.harvest.shard_mb` MB. Each shard is written to a temp file then `os.replace`d, and
+  `manifest.json` is written last: a directory without a manifest is never read, and a killed
+  harvest resumes after its last completed shard. A file lock per key makes two processes
+  asking for the same key at once share one harvest (the second waits, then reads it).
+- Integrity (benchmark/integrity.py): the manifest records each shard's size in bytes and
+  CRC-32, and carries a checksum of its own content (`self_crc32`). Every read checks the
+  sizes (a stat per shard) and the manifest's own checksum; the shards' checksums are checked
+  once per process per cache (0.13 s for 230 MB, i.e. 100k tokens x 576 fp32, from the page
+  cache; `BENCHMARK_VERIFY_CACHE=size` skips them, for a cache on a trusted disk). A
+  truncated or unreadable manifest, a missing or truncated shard, or changed bytes: one
+  warning naming the file and the fault, then the cache is moved aside, deleted and harvested
+  again under the key's lock; damaged rows are never read. A manifest written before these
+  checks (no `self_crc32`) is upgraded in place, with a warning, when every shard holds its
+  recorded rows (npy header and file size agree): its sizes and checksums are recorded as the
+  files are now (a harvest can take hours; damage older than the upgrade cannot be seen);
+  otherwise it is rebuilt. CACHE_FORMAT is unchanged: the rows and the key are the same.
+- Progress: the harvest (and the streaming norm estimate) shows tokens done/total, tokens/s
+  and ETA: a tqdm bar on a terminal, a log line every 10% or 30 s elsewhere (`progress: false`
+  turns both off).
+- Normalisation: `norm_scale` c = sqrt(mean ||x||^2), computed over every cached row (exact,
+  float64) and stored in the manifest, so that x / c has E||x||^2 = 1 (docs/method.md).
+- Batches: shuffled, seeded, any number of epochs, streamed from disk with RAM bounded by the
+  shuffle buffer (a few shards at a time, ~`buffer_mb`), independent of the token count.
+- Streaming (`data.stream: true`, train split only; for budgets too large to store): a
+  `StreamingStore` has the same interface but nothing on disk except its norm_scale. Its
+  batches run the same truncated forward pass on the train windows, read lazily in order
+  (`data.harvest.batch_size` at a time), drop BOS/EOS/pad rows and push the rest through a
+  shuffle buffer of `data.stream_buffer_tokens` rows: filled first, then each batch takes
+  batch_size random rows out (seeded) and the next rows of the stream take their places. It is
+  endless (`n_tokens` is math.inf; the trainer's train.n_tokens decides how much is read, and
+  `data.n_train_tokens` is unused); when the split runs out the windows start over (logged).
+  `norm_scale` is estimated once per key on the split's first `data.stream_norm_tokens` rows
+  (c = sqrt(mean ||x||^2), float64, the value a cache of that many tokens would hold) and
+  kept in `{cache_dir}/activations/<key>/norm.json` (key spec: "stream": "norm_scale"), so
+  every job of a sweep divides by the same scalar; a hit never loads the model until the
+  first batch is asked for.
+
+Attention-sink outliers. On SmolLM2-135M at layer 6, the BOS position has a residual norm ~9x
+the median (~900 vs ~104); it is excluded with the other special positions. A second group
+survives that exclusion: the first few occurrences of " the" (and a bare space) in each window
+act as extra sinks, with norms 5-9x the median on ~1.8% of tokens, which then carry roughly
+half of E||x||^2. MLP and attention outputs have no such tail (max ~3x median). The suite does
+nothing about them beyond the BOS/EOS/pad exclusion (as the paper): they are real activations
+that the spliced model needs reconstructed. Each manifest records the norm quantiles and the
+share of rows above 5x the median (`stats`), so the effect can be checked per cache.
+
+Must not know SAEs, the trainer or the evaluator; it reads the composed config but never
+composes one.
+
+One module per job: `keys` (the key spec and key, the budgets, the files' names), `locking` (a
+lock per key, the integrity checks on read, repair), `harvest` (windows -> shards, resume),
+`manifest` (manifest.json and norm.json: norm_scale and the stats), `stores` (the readers, and
+`read_sites`: the forward pass the harvest and the stream share); this module holds the entry
+points.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmark.activations.harvest import (
+    ModelArg,
+    _bridge,
+    _harvest,
+    _resume,
+    _Target,
+    _windows,
+    _write_shard,
+)
+from benchmark.activations.keys import (
+    CACHE_FORMAT,
+    HARVEST_PLAN,
+    MANIFEST,
+    NORM_FILE,
+    STREAM_DEFAULTS,
+    _budget,
+    _positive,
+    _shard_name,
+    _spec,
+    cache_key,
+    model_key,
+)
+from benchmark.activations.locking import _damage, _locked, _norm_usable, _usable
+from benchmark.activations.manifest import OUTLIER_FACTOR, _estimate_norm
+from benchmark.activations.stores import (
+    ActivationStore,
+    Store,
+    StreamingStore,
+    _to_float32,
+    _to_numpy,
+    read_sites,
+)
+from benchmark.data import Split
+from benchmark.fileio import sweep_stale
+from benchmark.models import hook_name, resolve_device, resolve_dtype
+
+__all__ = [  # the API, and the private names the tests reach
+    "CACHE_FORMAT",
+    "HARVEST_PLAN",
+    "MANIFEST",
+    "NORM_FILE",
+    "OUTLIER_FACTOR",
+    "STREAM_DEFAULTS",
+    "ActivationStore",
+    "ModelArg",
+    "Store",
+    "StreamingStore",
+    "_damage",
+    "_resume",
+    "_shard_name",
+    "_spec",
+    "_Target",
+    "_to_float32",
+    "_to_numpy",
+    "_usable",
+    "_write_shard",
+    "cache_key",
+    "get_activation_store",
+    "get_activation_stores",
+    "model_key",
+    "read_sites",
+]
+
+
+def get_activation_store(
+    model: ModelArg, cfg: Any, split: Split = "train", n_tokens: int | None = None
+) -> Store:
+    """The activations of `cfg.layer.index` at `cfg.site` (see `get_activation_stores`)."""
+    return get_activation_stores(model, cfg, split, [cfg.site], n_tokens)[cfg.site.name]
+
+
+def get_activation_stores(
+    model: ModelArg,
+    cfg: Any,
+    split: Split = "train",
+    sites: Sequence[Any] | None = None,
+    n_tokens: int | None = None,
+) -> dict[str, Store]:
+    """The cached activations of `cfg.layer.index` for each of `sites` (default: `cfg.site`).
+
+    `model`: a TransformerBridge, a zero-argument callable returning one, or None (then it is
+    loaded from `cfg.model` on a cache miss only: a hit never loads a model). `split` picks
+    `data.n_train_tokens` or `data.n_eval_tokens`, unless `n_tokens` is given (the held-out
+    activation set: `eval.n_activation_tokens`). Site configs each have `name` and `hook`;
+    every missing one is harvested in the same forward pass. Returns {site name: store}. With
+    `data.stream: true` the train split is a `StreamingStore` instead (one per site); the eval
+    split is always cached.
+    """
+    site_cfgs = [cfg.site] if sites is None else list(sites)
+    layer = cfg.layer.index
+    hooks = {s.name: hook_name(cfg.model, layer, s) for s in site_cfgs}  # config errors first
+    if split == "train" and cfg.data.get("stream", False):
+        return {s.name: _streaming_store(model, cfg, s) for s in site_cfgs}
+    n_tokens = _budget(cfg.data, split) if n_tokens is None else n_tokens
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    root = Path(cfg.cache_dir) / "activations"
+    specs = {s.name: _spec(cfg, layer, s, split, n_tokens, dtype) for s in site_cfgs}
+    dirs = {name: root / cache_key(spec) for name, spec in specs.items()}
+    harvested: set[str] = set()
+    if not all(_usable(d) for d in dirs.values()):
+        root.mkdir(parents=True, exist_ok=True)
+        sweep_stale(root)  # broken caches whose deletion was cut short
+        with _locked(dirs.values()):
+            todo = [name for name, d in dirs.items() if not _usable(d, repair=True)]
+            if todo:
+                bridge = _bridge(model, cfg, device, dtype)
+                hooks = {s.name: hook_name(cfg.model, layer, s, bridge) for s in site_cfgs}
+                fewer = bool(cfg.data.get("allow_fewer_tokens", False))
+                windows = _windows(cfg.data, bridge, split, n_tokens, fewer)
+                targets = [_Target(n, hooks[n], dirs[n], specs[n]) for n in todo]
+                opts = cfg.data.get("harvest") or {}
+                _harvest(bridge, windows, layer, targets, opts, bool(cfg.get("progress", True)))
+                harvested.update(todo)
+    return {name: ActivationStore(d, from_cache=name not in harvested) for name, d in dirs.items()}
+
+
+# ---- streaming ----
+
+
+def _streaming_store(model: ModelArg, cfg: Any, site: Any) -> StreamingStore:
+    """A StreamingStore for `site`; its norm_scale is estimated on a miss (one process per key
+    at a time, the others wait and read it) and read from norm.json on a hit."""
+    layer = cfg.layer.index
+    n_norm = _positive(cfg.data, "stream_norm_tokens")
+    buffer_rows = _positive(cfg.data, "stream_buffer_tokens")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    spec = {**_spec(cfg, layer, site, "train", n_norm, dtype), "stream": "norm_scale"}
+    path = Path(cfg.cache_dir) / "activations" / cache_key(spec)
+    bridge = functools.cache(lambda: _bridge(model, cfg, device, dtype))  # loaded at most once
+    if not _norm_usable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked([path]):
+            if not _norm_usable(path, repair=True):
+                _estimate_norm(bridge(), cfg, site, spec, path, bool(cfg.get("progress", True)))
+    return StreamingStore(path, bridge, cfg.data, layer, buffer_rows)

@@ -1,0 +1,85 @@
+"""Activation cache keys: what a cache is called, and the token budgets it is asked for.
+
+Owns the key spec (model, layer, site, data and its config, split, token count, dtype, and
+CACHE_FORMAT), the key (a readable prefix + a hash of the spec: any change gives a new cache),
+the model's key for cached LM losses, the budgets (`data.n_*_tokens`, the stream's sizes) and the
+names of the files in a cache directory. The design is in the package docstring
+(benchmark/activations/__init__.py).
+
+Must not know how a cache is harvested, checked or read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from benchmark.data import Split, data_identity
+from benchmark.errors import ConfigError
+from benchmark.models import resolve_device, resolve_dtype
+
+CACHE_FORMAT = 1  # bump when the on-disk layout or the harvest changes what is stored
+MANIFEST, HARVEST_PLAN, NORM_FILE = "manifest.json", "harvest.json", "norm.json"
+STREAM_DEFAULTS = {"stream_buffer_tokens": 262_144, "stream_norm_tokens": 100_000}
+
+
+def cache_key(spec: dict) -> str:
+    """Readable prefix + a hash of the whole spec: any change in it gives a new directory."""
+    digest = _digest(spec)
+    m, d = spec["model"], spec["data"]
+    split = spec["split"] + ("-stream" if "stream" in spec else "")
+    return (
+        f"{m['name']}_L{spec['layer']}_{spec['site']['name']}_{d['name']}-{split}"
+        f"_T{d['context_length']}_N{spec['n_tokens']}_{m['dtype']}_{digest}"
+    )
+
+
+def _model_spec(cfg: Any, dtype: torch.dtype) -> dict:
+    model = {k: cfg.model.get(k) for k in ("name", "source", "path", "architecture", "bos_token")}
+    return {**model, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def model_key(cfg: Any) -> str:
+    """`<model name>-<hash>` of everything that changes the model's outputs (source, path,
+    architecture, BOS token, resolved dtype): the same model spec as the activation cache's
+    key, used to key cached clean and zero-ablation losses."""
+    dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.device))
+    return f"{cfg.model.name}-{_digest(_model_spec(cfg, dtype))}"
+
+
+def _spec(cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: torch.dtype) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "model": _model_spec(cfg, dtype),
+        "layer": layer,
+        "site": {"name": site.name, "hook": site.hook},
+        "data": data_identity(cfg.data),
+        "split": split,
+        "n_tokens": n_tokens,
+    }
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _budget(data_cfg: Any, split: str) -> int:
+    if split not in ("train", "eval"):
+        raise ConfigError(f"split={split!r} is not one of train, eval")
+    return _positive(data_cfg, f"n_{split}_tokens")
+
+
+def _positive(data_cfg: Any, key: str) -> int:
+    """data.<key> (default: STREAM_DEFAULTS), checked to be a positive integer."""
+    n = data_cfg.get(key, STREAM_DEFAULTS.get(key))
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"data.{key}={n!r} must be a positive integer")
+    return n
+
+
+def _shard_name(k: int) -> str:
+    return f"shard_{k:05d}.npy"

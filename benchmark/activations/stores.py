@@ -1,0 +1,292 @@
+"""Activation readers: batches from a cache's shards, or straight from the model.
+
+Owns `ActivationStore` (shuffled, seeded batches from the shards, any number of epochs, RAM
+bounded by the shuffle buffer), `StreamingStore` and its stream (the train windows read lazily
+in order, one truncated forward pass per batch, BOS/EOS/pad rows dropped, a shuffle buffer), the
+forward pass that reads a layer's sites (`read_sites`) with its NaN/inf check, and the storage
+dtype (bfloat16 kept as its int16 bits). The design is in the package docstring
+(benchmark/activations/__init__.py).
+
+Must not know how a cache is harvested, locked or repaired, nor how norm_scale is computed: it
+reads manifest.json and norm.json as they were written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Generator, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmark import integrity
+from benchmark.activations.keys import MANIFEST, NORM_FILE
+from benchmark.data import non_special_mask, stream_windows
+from benchmark.errors import ActivationError, ConfigError
+
+log = logging.getLogger("benchmark.activations")
+
+
+class ActivationStore:
+    """A complete cached set of activations for one (model, layer, site, data, split, budget)."""
+
+    def __init__(self, path: Path, *, from_cache: bool = True, buffer_mb: int = 256):
+        manifest = integrity.unseal((path / MANIFEST).read_text())  # checked by _usable
+        self.path = path
+        self.key: str = manifest["key"]
+        self.hook: str = manifest["hook"]
+        self.d_in: int = manifest["d_in"]
+        self.n_tokens: int = manifest["n_tokens"]
+        self.norm_scale: float = manifest["norm_scale"]
+        self.dtype: str = manifest["dtype"]
+        self.stats: dict = manifest["stats"]
+        self.spec: dict = manifest["spec"]
+        self.from_cache = from_cache  # False when this process harvested it
+        self.shards: list[tuple[str, int]] = [(s["file"], s["rows"]) for s in manifest["shards"]]
+        self.buffer_rows = max(1, buffer_mb * 2**20 // (self.d_in * 4))
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({self.key}, n_tokens={self.n_tokens}, d_in={self.d_in})"
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epochs: float | None = None,
+        normalise: bool = True,
+        shuffle: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """float32 (batch_size, d_in) batches; endless when `epochs` is None.
+
+        Exactly round(epochs * n_tokens) rows in all, epoch after epoch (every batch full but
+        possibly the last). Shuffling: shard order per epoch, then rows within a buffer of a
+        few shards. `normalise` divides by `norm_scale`.
+        """
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size={batch_size} must be positive")
+        total = math.inf if epochs is None else round(epochs * self.n_tokens)
+        scale = 1.0 / self.norm_scale if normalise else 1.0
+        rng = np.random.default_rng(seed)
+        if total <= 0:
+            return
+        carry, done = None, 0
+        for chunk in self._chunks(rng, shuffle):
+            # Leftover rows go first, unshuffled: epoch e ends before epoch e + 1 begins.
+            buf = chunk if carry is None else np.concatenate([carry, chunk])  # (R, d_in)
+            start = 0
+            while len(buf) - start >= (want := int(min(batch_size, total - done))):
+                yield _to_float32(buf[start : start + want], self.dtype) * scale
+                start, done = start + want, done + want
+                if done >= total:
+                    return
+            carry = buf[start:]
+
+    def _chunks(self, rng: np.random.Generator, shuffle: bool) -> Iterator[np.ndarray]:
+        """Endless: per epoch, groups of shards (at most ~buffer_rows rows), rows shuffled."""
+        while True:
+            order = rng.permutation(len(self.shards)) if shuffle else range(len(self.shards))
+            group: list[np.ndarray] = []
+            for i in order:
+                group.append(self._load(i))
+                if sum(map(len, group)) >= self.buffer_rows:
+                    yield _mix(group, rng, shuffle)
+                    group = []
+            if group:
+                yield _mix(group, rng, shuffle)
+
+    def _load(self, i: int) -> np.ndarray:
+        return np.load(self.path / self.shards[i][0], mmap_mode="r")
+
+
+class StreamingStore:
+    """Training activations read from the model as the trainer asks (see the module docstring).
+
+    Same interface as ActivationStore; `n_tokens` is math.inf (endless) and `path` is the
+    directory of `norm.json`. The model is loaded on the first batch, not before.
+    """
+
+    def __init__(
+        self, path: Path, bridge: Callable[[], Any], data_cfg: Any, layer: int, buffer_rows: int
+    ):
+        norm = integrity.unseal((path / NORM_FILE).read_text())  # checked by _norm_usable
+        self.path = path
+        self.key: str = norm["key"]
+        self.hook: str = norm["hook"]
+        self.site: str = norm["spec"]["site"]["name"]
+        self.d_in: int = norm["d_in"]
+        self.n_tokens: float = math.inf
+        self.norm_scale: float = norm["norm_scale"]
+        self.buffer_rows = buffer_rows
+        self._bridge, self._data_cfg, self._layer = bridge, data_cfg, layer
+
+    def __repr__(self) -> str:
+        return f"StreamingStore({self.key}, buffer_rows={self.buffer_rows}, d_in={self.d_in})"
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epochs: float | None = None,
+        normalise: bool = True,
+        shuffle: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Endless float32 (batch_size, d_in) batches, each a forward pass away at most.
+
+        `shuffle`: drawn at random (seeded) from the shuffle buffer; else rows in stream order
+        (window by window). `epochs` must be None: a stream has no epochs. `normalise` divides
+        by `norm_scale`.
+        """
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size={batch_size} must be positive")
+        if epochs is not None:
+            raise ConfigError("a streaming store is endless (epochs=None); train.n_tokens stops it")
+        scale = 1.0 / self.norm_scale if normalise else 1.0
+        bridge = self._bridge()
+        rows = _stream_rows(bridge, self._data_cfg, self._layer, self.site, self.hook)
+        pieces = _rebatch(rows, batch_size)  # (batch_size, d_in) in stream order
+        if shuffle:
+            pieces = _shuffle_buffer(pieces, self.buffer_rows, np.random.default_rng(seed))
+        for x in pieces:
+            yield x.float() * scale
+
+
+Store = ActivationStore | StreamingStore
+
+
+# ---- reading the model ----
+
+
+@torch.inference_mode()
+def read_sites(
+    bridge: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: dict[str, str], layer: int
+) -> dict[str, torch.Tensor]:
+    """One forward pass stopped after `layer`: {site: (n masked positions, d_in) on CPU}."""
+    flat = mask.reshape(-1)  # (B*T,)
+    out: dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Callable:
+        def hook(act: torch.Tensor, hook: Any) -> None:
+            out[name] = act.reshape(flat.shape[0], -1)[flat].cpu()  # (B, T, ...) -> (n, d_in)
+
+        return hook
+
+    bridge.run_with_hooks(
+        tokens,
+        fwd_hooks=[(h, capture(name)) for name, h in hooks.items()],
+        stop_at_layer=layer + 1,
+        return_type=None,
+    )
+    return out
+
+
+def _check_finite(x: torch.Tensor, mask: torch.Tensor, first: int, where: str, of: str) -> None:
+    """Raise naming `where`, the window and position of the first NaN/inf in x (rows of the
+    windows first, first + 1, ... whose non-special positions are `mask`)."""
+    bad = ~torch.isfinite(x)
+    if not bad.any():
+        return
+    row, dim = (int(i) for i in bad.nonzero()[0])
+    window, pos = (int(i) for i in mask.nonzero()[row])
+    raise ActivationError(
+        f"non-finite activation {x[row, dim].item()} at {where}, row {row}: "
+        f"window {first + window} of the {of}, position {pos}, dimension {dim}"
+    )
+
+
+def _check_context(data_cfg: Any, bridge: Any) -> None:
+    n_ctx = getattr(bridge.cfg, "n_ctx", None)
+    if n_ctx and data_cfg.context_length > n_ctx:
+        raise ConfigError(
+            f"data.context_length={data_cfg.context_length} exceeds the model's context {n_ctx}"
+        )
+
+
+# ---- streaming ----
+
+
+def _stream_rows(
+    bridge: Any, data_cfg: Any, layer: int, site: str, hook: str
+) -> Generator[torch.Tensor, None, None]:
+    """Endless (rows, d_in) activations of the train windows in order, one forward batch
+    (`data.harvest.batch_size` windows) at a time, BOS/EOS/pad rows dropped, on CPU."""
+    batch = int((data_cfg.get("harvest") or {}).get("batch_size", 32))
+    device = torch.device(bridge.cfg.device)
+    for first, windows in _window_batches(data_cfg, bridge, batch):  # (batch, T)
+        mask = non_special_mask(windows, bridge.tokenizer)  # (batch, T)
+        x = read_sites(bridge, windows.to(device), mask.to(device), {site: hook}, layer)[site]
+        _check_finite(x, mask, first, f"site {site} ({hook}), streamed", "stream")
+        yield x
+
+
+def _window_batches(data_cfg: Any, bridge: Any, batch: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Endless (index of the first window, (batch, T) windows) of the train split, read
+    lazily in order; at the end of the split the windows start over."""
+    _check_context(data_cfg, bridge)
+    first = 0
+    while True:
+        windows, start = stream_windows(data_cfg, bridge.tokenizer, "train"), first
+        while chunk := list(islice(windows, batch)):
+            yield first, torch.tensor(chunk, dtype=torch.long)
+            first += len(chunk)
+        if first == start:
+            raise ConfigError(f"data {data_cfg.name!r}: the train split holds no full window")
+        log.warning("the train split ended after %d windows; the stream starts over", first)
+
+
+def _rebatch(chunks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """The rows of `chunks`, in order, as (batch_size, d_in) pieces."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    for x in chunks:
+        pending.append(x)
+        have += len(x)
+        if have < batch_size:
+            continue
+        rows = torch.cat(pending)  # (have, d_in)
+        full = have - have % batch_size
+        yield from rows[:full].split(batch_size)
+        pending, have = [rows[full:]], have - full
+
+
+def _shuffle_buffer(
+    pieces: Iterator[torch.Tensor], size: int, rng: np.random.Generator
+) -> Iterator[torch.Tensor]:
+    """Random (batch_size, d_in) batches from a buffer of ~size rows: filled from `pieces`
+    first, then each batch takes batch_size random rows out and the next piece takes their
+    places (each row stays size / batch_size batches on average)."""
+    first = next(pieces)  # (batch_size, d_in)
+    batch_size = len(first)
+    n = batch_size * max(1, math.ceil(size / batch_size))  # a whole number of pieces
+    buf = first.new_empty((n, first.shape[1]))  # (n, d_in), in the model's dtype
+    buf[:batch_size] = first
+    for i in range(batch_size, n, batch_size):
+        buf[i : i + batch_size] = next(pieces)
+    while True:
+        idx = torch.from_numpy(rng.choice(n, batch_size, replace=False))  # (batch_size,)
+        batch = buf[idx]  # (batch_size, d_in), a copy
+        buf[idx] = next(pieces)
+        yield batch
+
+
+# ---- storage dtype ----
+
+
+def _to_numpy(x: torch.Tensor) -> np.ndarray:
+    """numpy has no bfloat16: its raw bits are stored as int16 and viewed back on load."""
+    return x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+
+
+def _to_float32(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).float()
+
+
+def _mix(group: list[np.ndarray], rng: np.random.Generator, shuffle: bool) -> np.ndarray:
+    buf = np.concatenate(group)  # (R, d_in), read from the memory-mapped shards
+    return buf[rng.permutation(len(buf))] if shuffle else buf
