@@ -1,5 +1,6 @@
 """The command line: ``python -m benchmark.report RESULTS_DIR [--out DIR] [--latex]
-[--targets 10,20,40] [--l0-tolerance X]``. Prints table 1, the problems and the files written."""
+[--targets 10,20,40] [--l0-tolerance X]``. Prints table 1, the paper's claims judged, the
+problems and the files written."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmark.report", description=__doc__)
     parser.add_argument("results_dir", type=Path, help="folder searched recursively for runs")
     parser.add_argument("--out", type=Path, help="output folder (default RESULTS_DIR/report)")
-    parser.add_argument("--latex", action="store_true", help="also write table1_matched_l0.tex")
+    parser.add_argument(
+        "--latex", action="store_true", help="also write table1_matched_l0.tex, claims.tex"
+    )
     parser.add_argument("--targets", help="comma-separated L0 values for table 1, e.g. 10,20,40")
     parser.add_argument(
         "--l0-tolerance",
@@ -43,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not table.empty:
         print(f"# Matched-L0 table ({len(df)} complete runs)\n")
         print(to_markdown(table, TABLE1_TITLE))
+    if out / "claims.md" in written:
+        print((out / "claims.md").read_text())
     print(f"# Problems ({len(problems)})")
     for run in problems.itertuples(index=False):
         print(f"- {run.status}: {run.run_dir}: {run.reason}")

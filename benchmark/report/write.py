@@ -1,7 +1,8 @@
-"""Writing the report: every table (CSV, markdown, LaTeX when asked) and figure (PNG, PDF)
-under one folder, one set of figures per model when the runs hold several models.
+"""Writing the report: every table (CSV, markdown, LaTeX when asked), the paper's claims judged
+(``claims.md``, per cell ``claims_cells.md``) and figure (PNG, PDF) under one folder, one set
+of figures per model when the runs hold several models.
 
-Owns the file names. Composes ``stats``, ``tables``, ``figures`` and ``training``.
+Owns the file names. Composes ``stats``, ``tables``, ``claims``, ``figures`` and ``training``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from benchmark.report.claims import (
+    Judged,
+    cells_markdown,
+    claims_latex,
+    claims_markdown,
+    judge_claims,
+)
 from benchmark.report.figures import CURVE_FIGURES, plot_firing_histograms, plot_metric_vs_l0
 from benchmark.report.stats import default_targets, matched_l0_table
 from benchmark.report.tables import runs_table, to_latex, to_markdown
@@ -40,6 +48,7 @@ def write_report(
     table = matched_l0_table(df, targets, l0_tolerance=l0_tolerance)
     written += write_table(table, out / "table1_matched_l0", latex, TABLE1_TITLE)
     written += write_table(runs_table(df), out / "table2_runs", False, TABLE2_TITLE)
+    written += write_claims(judge_claims(df, targets, l0_tolerance), out, latex)
     notes = []
     for model, runs in df.groupby("model", sort=True):
         suffix = "" if df["model"].nunique() == 1 else f"_{model}"
@@ -62,6 +71,20 @@ def write_table(table: pd.DataFrame, stem: Path, latex: bool, title: str = "") -
     if latex:
         paths.append(stem.with_suffix(".tex"))
         paths[-1].write_text(to_latex(table))
+    return paths
+
+
+def write_claims(judged: Judged, out: Path, latex: bool) -> list[Path]:
+    """claims.csv/.md (one row per claim), claims_cells.csv/.md (per cell), claims.tex if asked."""
+    paths = [out / f"claims{end}" for end in (".csv", ".md", "_cells.csv", "_cells.md")]
+    judged.summary.to_csv(paths[0], index=False)
+    pointer = "\nPer cell: `claims_cells.md`; every number in full: `claims_cells.csv`.\n"
+    paths[1].write_text(claims_markdown(judged) + pointer)
+    judged.cells.to_csv(paths[2], index=False)
+    paths[3].write_text(cells_markdown(judged.cells))
+    if latex:
+        paths.append(out / "claims.tex")
+        paths[-1].write_text(claims_latex(judged.summary))
     return paths
 
 
