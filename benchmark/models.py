@@ -107,6 +107,10 @@ def hook_name(
 ) -> str:
     """`blocks.{layer}.{site.hook}`, e.g. "blocks.6.hook_resid_post".
 
+    The TransformerLens name is the one recorded; the bridge resolves it per family, e.g. on
+    Gemma 2 `hook_mlp_out` is the post-MLP norm's output (`ln2_post.hook_out`), as PAPER.md
+    wants (checked against Hugging Face models in tests/test_gemma_hooks.py).
+
     Raises ConfigError for a layer outside [0, n_layers), a hook the harvester cannot read, or
     (when `bridge` is given) a hook this model does not have.
     """
