@@ -1,4 +1,5 @@
-"""The sparse path of TopK, BatchTopK and JumpReLU (baselines/sparse.py) against the dense one.
+"""The sparse path of TopK, BatchTopK and JumpReLU (with each of its sparsity losses:
+baselines/sparse.py) against the dense one.
 
 The dense formulas are the reference: for random inputs at a few shapes the sparse path gives
 the same outputs, loss terms and parameter gradients (float64, 1e-5 relative), with and without
@@ -20,6 +21,12 @@ from baselines.topk import TopKSAE
 from benchmark.train import Sparsity, TrainConfig, train_sae
 
 SHAPES = [(12, 50, 64), (20, 96, 33), (7, 200, 5)]  # (d_in, d_sae, batch)
+# The JumpReLU sparsity losses (baselines/jumprelu.py); the pre-activation term reads the dense pre.
+JUMPRELU_VARIANTS = {
+    "jumprelu": {},
+    "jumprelu_tanh": {"sparsity_loss": "tanh", "tanh_scale": 4.0, "pre_act_coefficient": 0.05},
+    "jumprelu_target_l0": {"sparsity_loss": "target_l0", "target_l0": 4.0},
+}
 
 
 def _make(arch: str, d_in: int, d_sae: int, **kw):
@@ -31,7 +38,7 @@ def _make(arch: str, d_in: int, d_sae: int, **kw):
         sae = BatchTopKSAE(d_in, d_sae, k=6, k_aux=9, sparse=False, **kw)
     else:
         sae = JumpReLUSAE(d_in, d_sae, coefficient=0.3, bandwidth=0.1, threshold_init=0.1,
-                          sparse=False, **kw)  # fmt: skip
+                          sparse=False, **JUMPRELU_VARIANTS[arch], **kw)  # fmt: skip
     sae = sae.double()
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
@@ -66,7 +73,7 @@ def _assert_same(a: dict, b: dict):
                                    msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
 
 
-ARCHS = ["topk", "batchtopk", "jumprelu"]
+ARCHS = ["topk", "batchtopk", *JUMPRELU_VARIANTS]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
