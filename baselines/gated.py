@@ -54,10 +54,10 @@ class GatedSAE(SparseAutoencoder):
         return (x - self.b_dec) @ self.W_enc + self.b_gate
 
     def _paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_cent = x - self.b_dec
-        pi_gate = x_cent @ self.W_enc + self.b_gate  # (B, d_sae)
-        pi_mag = x_cent @ self.W_mag + self.b_mag  # (B, d_sae)
-        return pi_gate, pi_mag
+        # W_mag (x - b_dec) = exp(r_mag) * (W_gate (x - b_dec)): one encoder product serves both
+        # paths (and its backward is one product pair), not two.
+        u = (x - self.b_dec) @ self.W_enc  # (B, d_sae)
+        return u + self.b_gate, u * self.r_mag.exp() + self.b_mag  # pi_gate, pi_mag
 
     def forward(self, x: Tensor) -> SAEOutput:
         pi_gate, pi_mag = self._paths(x)

@@ -13,19 +13,24 @@ mask[:, t + 1] both hold: a position whose *target* is BOS (a document boundary 
 window) is not scored either, since predicting the separator is not language modelling (it
 scored ~11.5 nats on SmolLM2, ~1% of the clean loss from 0.4% of positions).
 
-One pass per batch of evaluation windows: the clean forward (for KL and the clean loss) and the
-spliced forward (the SAE reads the clean activation at the hook, which is also where FVU, L0 and
-firing frequencies are accumulated, and writes its reconstruction). The zero-ablation loss
-depends only on (model, layer, site, eval tokens), and the clean loss only on (model, eval
-tokens): both are cached as small JSON files and reused by every SAE (`cached_scalar`).
-With `kl_div=False` the clean forward is skipped and the cached clean loss is used.
+Per batch of evaluation windows (`evaluate_group`, for one SAE or a fan-out group): the model
+runs once up to the hooked layer; from that residual, the clean pass (for KL, or for the clean
+loss when it is not cached yet), the zero-ablation pass (when not cached yet) and each SAE's
+spliced pass start at that layer (`run_from`: the blocks below are skipped, and the logits are
+those of the full pass; tests/test_fanout.py). The SAE reads the clean activation at the hook
+and writes its reconstruction. The zero-ablation loss depends only on (model, layer, site, eval
+tokens), and the clean loss only on (model, eval tokens): both are cached as small JSON files
+and reused by every SAE. With `kl_div=False` and the clean loss cached, only the spliced passes
+run. Log-probabilities are taken LOGPROB_CHUNK rows at a time (bounded memory at a 256k
+vocabulary).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,9 @@ from benchmark.fileio import write_json_atomic
 from benchmark.metrics import CE_RECOVERED_MIN_GAP, METRICS_VERSION, definitions
 from benchmark.progress import progress as progress_display
 
-__all__ = ["METRICS_VERSION", "METRIC_DEFINITIONS", "activation_metrics", "evaluate_sae"]
+__all__ = [
+    "METRICS_VERSION", "METRIC_DEFINITIONS", "activation_metrics", "evaluate_group", "evaluate_sae",
+]  # fmt: skip
 
 METRIC_DEFINITIONS = definitions()
 
@@ -77,10 +84,38 @@ def _flatten(act: Tensor) -> Tensor:
     return act.reshape(*act.shape[:2], -1)
 
 
+# Rows of logits turned into fp32 log-probabilities at a time: bounds the extra memory of the
+# losses at ~LOGPROB_CHUNK * V * 4 bytes (256 MB at Gemma's 256k vocabulary), whatever the batch.
+LOGPROB_CHUNK = 256
+
+
+def _log_probs_chunks(logits: Tensor, pm: Tensor):
+    """(B, T, V) logits, (B, T-1) scored positions -> fp32 log-probabilities of the scored
+    predictor positions, LOGPROB_CHUNK rows at a time, with the chunk's row indices."""
+    rows = logits[:, :-1][pm]  # (n, V) in the model's dtype: no fp32 copy of the whole batch
+    for i in range(0, rows.shape[0], LOGPROB_CHUNK):
+        yield i, F.log_softmax(rows[i : i + LOGPROB_CHUNK].float(), dim=-1)
+
+
 def next_token_losses(logits: Tensor, tokens: Tensor) -> Tensor:
-    """(B, T, V), (B, T) -> (B, T-1) cross-entropy of predicting tokens[:, t+1] at t."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    """(B, T, V), (B, T) -> (B, T-1) cross-entropy of predicting tokens[:, t+1] at t (computed
+    in chunks of LOGPROB_CHUNK rows, so the fp32 log-softmax never spans the whole batch)."""
+    B, T = tokens.shape
+    pm = torch.ones(B, T - 1, dtype=torch.bool, device=tokens.device)
+    targets = tokens[:, 1:][pm]
+    out = torch.empty(targets.shape[0], dtype=torch.float32, device=logits.device)
+    for i, lp in _log_probs_chunks(logits, pm):
+        out[i : i + lp.shape[0]] = -lp.gather(-1, targets[i : i + lp.shape[0], None]).squeeze(-1)
+    return out.view(B, T - 1)
+
+
+def _kl_sum(clean_logits: Tensor, logits: Tensor, pm: Tensor) -> float:
+    """sum over the scored positions of KL(clean || spliced), in chunks of LOGPROB_CHUNK rows."""
+    total = 0.0
+    for (_, lp_clean), (_, lp) in zip(_log_probs_chunks(clean_logits, pm),
+                                      _log_probs_chunks(logits, pm), strict=True):  # fmt: skip
+        total += (lp_clean.exp() * (lp_clean - lp)).sum().item()
+    return total
 
 
 def _run(model, tokens: Tensor, hooks: list) -> Tensor:
@@ -141,93 +176,181 @@ def cached_scalar(path: Path | None, compute: Callable[[], float]) -> float:
     return value
 
 
+def _cached(path: Path | None) -> float | None:
+    """The float cached at `path` (a small JSON file), or None."""
+    if path is None or not path.exists():
+        return None
+    return float(json.loads(path.read_text())["value"])
+
+
+def _store(path: Path | None, value: float) -> float:
+    """Cache `value` at `path`, atomically (safe under concurrent jobs); returns it."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"value": value})
+    return value
+
+
 def tokens_digest(tokens: Tensor) -> str:
     return hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
+@contextmanager
+def _blocks_skipped_below(model, layer: int) -> Iterator[None]:
+    """Blocks 0..layer-1 return their input unchanged while this is open.
+
+    TransformerBridge's `start_at_layer` swaps the given residual in at block `layer` but still
+    runs the blocks below it on a placeholder and discards their output; skipping them makes
+    a pass that starts at `layer` cost only the blocks from `layer` up (exactness against the
+    full pass: tests/test_fanout.py). Every decoder layer of transformers 5 returns its hidden
+    states as one tensor, which is what the stand-in returns."""
+
+    def identity(*args: Any, **kwargs: Any) -> Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    below = list(model.blocks)[:layer]
+    for block in below:  # an instance attribute shadows the class's forward (the bridge's own
+        block.__dict__["forward"] = identity  # __setattr__ would pass it to the HF layer)
+    try:
+        yield
+    finally:
+        for block in below:
+            block.__dict__.pop("forward", None)
+
+
+def residual_at(model, tokens: Tensor, layer: int) -> Tensor:
+    """The residual stream entering block `layer` (B, T, d_model): the clean pass up to it."""
+    return model(tokens, stop_at_layer=layer)
+
+
+def run_from(model, residual: Tensor, layer: int, hooks: list) -> Tensor:
+    """Logits of the pass that starts at block `layer` from `residual` (with `hooks`, which
+    must sit in blocks >= layer): the same numbers as the full pass from the tokens."""
+    with _blocks_skipped_below(model, layer):
+        return model.run_with_hooks(residual, start_at_layer=layer, fwd_hooks=hooks,
+                                    return_type="logits")  # fmt: skip
+
+
+def hook_layer(hook: str) -> int:
+    """blocks.{L}.<...> -> L."""
+    parts = hook.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        raise ValueError(f"not a block hook: {hook!r}")
+    return int(parts[1])
+
+
 @torch.no_grad()
-def evaluate_sae(
+def evaluate_sae(model, sae: nn.Module, tokens: Tensor, mask: Tensor, hook: str,
+                 **kwargs: Any) -> dict[str, float | None]:  # fmt: skip
+    """The paper's LM metrics for one `sae` spliced at `hook`: `evaluate_group` of one."""
+    return evaluate_group(model, [(sae, hook)], tokens, mask, **kwargs)[0]
+
+
+@torch.no_grad()
+def evaluate_group(
     model,
-    sae: nn.Module,
+    members: list[tuple[nn.Module, str]],
     tokens: Tensor,
     mask: Tensor,
-    hook: str,
     *,
     batch_size: int = 8,
     cache_dir: str | Path | None = None,
     model_key: str = "model",
     kl_div: bool = True,
     progress: bool = False,
-) -> dict[str, float | None]:
-    """The paper's LM metrics for `sae` spliced at `hook` on `tokens` (N, T).
+) -> list[dict[str, float | None]]:
+    """The paper's LM metrics for each (sae, hook) of `members` on `tokens` (N, T).
+
+    Per batch of windows, the model runs once up to the lowest hooked layer; from there the
+    clean pass (for KL) runs once for the whole group and each SAE's spliced pass starts at
+    that layer from the shared residual (`run_from`), instead of every SAE re-running the
+    layers below. The numbers are those of separate full passes (tests/test_fanout.py).
 
     model_key identifies the model for the cached clean loss (the zero-ablation cache adds the
     hook): it must name everything that changes the model's outputs (source, path, dtype, BOS;
     `activations.model_key`), since the eval tokens' digest covers only the tokens. With no
-    cache_dir both are computed here. Returns the LM-set metrics (`splice_l0` and `n_lm_tokens`
-    included; L0, FVU and frequencies come from `activation_metrics`). progress: windows
-    done, rate and ETA (a bar on a terminal, periodic log lines elsewhere).
+    cache_dir both are computed here. Returns each member's LM-set metrics (`splice_l0` and
+    `n_lm_tokens` included; L0, FVU and frequencies come from `activation_metrics`). progress:
+    windows done, rate and ETA (a bar on a terminal, periodic log lines elsewhere).
     """
+    start = min(hook_layer(hook) for _, hook in members)
     # Only L0 is read on the LM set (FVU and frequencies come from the activation set).
-    stats = {"n": 0, "active": 0}
+    stats = [{"n": 0, "active": 0} for _ in members]
 
-    def splice(act: Tensor, m: Tensor) -> Tensor:
-        x = _flatten(act)  # (B, T, d)
-        sel = x[m]  # (n, d): only the positions that count
-        out = sae(sel.float())
-        stats["n"] += sel.shape[0]
-        stats["active"] += int((out.f > 0).sum())
-        x_new = x.clone()
-        x_new[m] = out.x_hat.to(x.dtype)
-        return x_new.view_as(act)
+    def splicer(sae: nn.Module, st: dict[str, int]) -> Callable[[Tensor, Tensor], Tensor]:
+        def splice(act: Tensor, m: Tensor) -> Tensor:
+            x = _flatten(act)  # (B, T, d)
+            sel = x[m]  # (n, d): only the positions that count
+            out = sae(sel.float())
+            st["n"] += sel.shape[0]
+            st["active"] += int((out.f > 0).sum())
+            x_new = x.clone()
+            x_new[m] = out.x_hat.to(x.dtype)
+            return x_new.view_as(act)
 
-    spliced, clean = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    kl_sum = 0.0
-    bar = progress_display(len(tokens), "evaluate LM (spliced)", unit="window", enabled=progress)
-    for i in range(0, len(tokens), batch_size):
-        t, m = tokens[i : i + batch_size], mask[i : i + batch_size]
-        logits = _run(model, t, [(hook, _splice_hook(splice, m))])  # (B, T, V)
-        spliced += _ce_sum(logits, t, m).cpu()
-        if kl_div:
-            clean_logits = _run(model, t, [])
-            clean += _ce_sum(clean_logits, t, m).cpu()
-            pm = scored_positions(m)
-            lp_clean = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)[pm]  # (n, V)
-            lp_spliced = F.log_softmax(logits[:, :-1].float(), dim=-1)[pm]
-            kl_sum += (lp_clean.exp() * (lp_clean - lp_spliced)).sum().item()
-        bar.update(len(t))
-    bar.close()
+        return splice
 
+    splices = [splicer(sae, st) for (sae, _), st in zip(members, stats, strict=True)]
+    # The clean and zero-ablation losses depend only on (model, tokens[, hook]): cached as small
+    # JSON files and reused by every SAE; what is not cached yet is computed in this same loop.
     digest = tokens_digest(tokens)
     folder = Path(cache_dir) / "losses" if cache_dir is not None else None
     # The metrics version is in the key: a change in which positions are scored changes both.
     stem = f"v{METRICS_VERSION}-{model_key}"
     clean_path = folder / f"clean-{stem}-{digest}.json" if folder else None
-    zero_path = folder / f"zero-{stem}-{hook}-{digest}.json" if folder else None
-    if kl_div:  # the clean loss came out of this pass; keep it for runs without KL
-        clean_ce = (clean[0] / clean[1]).item()
-        cached_scalar(clean_path, lambda: clean_ce)
-    else:
-        clean_ce = cached_scalar(
-            clean_path, lambda: mean_ce(model, tokens, mask, batch_size, progress=progress)
-        )
-    zero_ce = cached_scalar(
-        zero_path,
-        lambda: mean_ce(model, tokens, mask, batch_size, hook, zero_splice, progress=progress),
-    )
-    spliced_ce = (spliced[0] / spliced[1]).item()
-    assert stats["n"] > 0, "no evaluation position passed the mask"
-    gap = zero_ce - clean_ce
-    return {
-        "clean_ce_loss": clean_ce,
-        "spliced_ce_loss": spliced_ce,
-        "zero_ce_loss": zero_ce,
-        "delta_lm_loss": spliced_ce - clean_ce,
-        "ce_loss_recovered": (zero_ce - spliced_ce) / gap if gap >= CE_RECOVERED_MIN_GAP else None,
-        "kl_div": kl_sum / clean[1].item() if kl_div else float("nan"),
-        "splice_l0": stats["active"] / stats["n"],
-        "n_lm_tokens": float(spliced[1].item()),
-    }
+    hooks = list(dict.fromkeys(hook for _, hook in members))
+    zero_paths = {h: folder / f"zero-{stem}-{h}-{digest}.json" if folder else None for h in hooks}
+    clean_ce = _cached(clean_path)
+    zero_ce = {h: _cached(p) for h, p in zero_paths.items()}
+    zero_todo = [h for h in hooks if zero_ce[h] is None]
+
+    spliced = [torch.zeros(2, dtype=torch.float64) for _ in members]
+    clean = torch.zeros(2, dtype=torch.float64)
+    zero = {h: torch.zeros(2, dtype=torch.float64) for h in zero_todo}
+    kl_sums = [0.0 for _ in members]
+    bar = progress_display(len(tokens), "evaluate LM (spliced)", unit="window", enabled=progress)
+    for i in range(0, len(tokens), batch_size):
+        t, m = tokens[i : i + batch_size], mask[i : i + batch_size]
+        pm = scored_positions(m)
+        resid = residual_at(model, t, start)
+        clean_logits = None
+        if kl_div or clean_ce is None:
+            clean_logits = run_from(model, resid, start, [])
+            clean += _ce_sum(clean_logits, t, m).cpu()
+        for h in zero_todo:
+            zero[h] += _ce_sum(run_from(model, resid, start, [(h, _splice_hook(zero_splice, m))]),
+                               t, m).cpu()  # fmt: skip
+        for j, (_, hook) in enumerate(members):
+            logits = run_from(model, resid, start, [(hook, _splice_hook(splices[j], m))])
+            spliced[j] += _ce_sum(logits, t, m).cpu()
+            if kl_div and clean_logits is not None:
+                kl_sums[j] += _kl_sum(clean_logits, logits, pm)
+            del logits
+        bar.update(len(t))
+    bar.close()
+
+    if clean_ce is None:
+        clean_ce = _store(clean_path, (clean[0] / clean[1]).item())
+    for h in zero_todo:
+        zero_ce[h] = _store(zero_paths[h], (zero[h][0] / zero[h][1]).item())
+    results = []
+    for j, (_, hook) in enumerate(members):
+        z = zero_ce[hook]
+        assert z is not None
+        spliced_ce = (spliced[j][0] / spliced[j][1]).item()
+        assert stats[j]["n"] > 0, "no evaluation position passed the mask"
+        gap = z - clean_ce
+        results.append({
+            "clean_ce_loss": clean_ce,
+            "spliced_ce_loss": spliced_ce,
+            "zero_ce_loss": z,
+            "delta_lm_loss": spliced_ce - clean_ce,
+            "ce_loss_recovered": (z - spliced_ce) / gap if gap >= CE_RECOVERED_MIN_GAP else None,
+            "kl_div": kl_sums[j] / clean[1].item() if kl_div else float("nan"),
+            "splice_l0": stats[j]["active"] / stats[j]["n"],
+            "n_lm_tokens": float(spliced[j][1].item()),
+        })  # fmt: skip
+    return results
 
 
 @torch.no_grad()

@@ -110,3 +110,22 @@ def _run_name_resolver(sae_choice: str | None = None, *, _root_: DictConfig) -> 
 
 if not OmegaConf.has_resolver("run_name"):
     OmegaConf.register_new_resolver("run_name", _run_name_resolver)
+
+
+# What a fan-out group shares (benchmark/fanout.py): one model, one layer, one data config and
+# one batch stream (seed, batch size, step count), one evaluation config. The SAE, its sparsity
+# target, the site and the rest of the training recipe (lr, schedules: each SAE has its own
+# optimiser) may differ between the members of a group.
+GROUP_FREE = ("sae", "sparsity", "site")
+GROUP_TRAIN_KEYS = ("batch_size", "n_tokens")
+
+
+def group_key(cfg: DictConfig) -> str:
+    """A hash of what the jobs of one fan-out group must share (see GROUP_FREE), plus the
+    cache folder they read and write. Jobs with equal keys can train in lockstep on the same
+    batches and share the model's clean evaluation pass."""
+    plain = {k: v for k, v in identity_dict(cfg).items() if k not in GROUP_FREE}
+    train = plain.get("train") or {}
+    plain["train"] = {k: train.get(k) for k in GROUP_TRAIN_KEYS}
+    plain["cache_dir"] = str(cfg.get("cache_dir"))
+    return _digest(plain)

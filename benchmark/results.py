@@ -116,7 +116,9 @@ class ResultRecord:
     config: dict[str, Any]
     run_dir: str
     history_file: str | None = "history.csv"
-    trained_in_group: str | None = None  # fan-out group id, when trained beside other SAEs
+    trained_in_group: str | None = None  # fan-out group key, when trained beside other SAEs
+    # wall seconds of the run's (or its group's) stages: setup, harvest, train, evaluate
+    stage_seconds: dict[str, float] | None = None
     sae_source: dict[str, Any] | None = None  # where a released/foreign SAE's weights came from
     error: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)  # flattened too

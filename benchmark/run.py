@@ -36,15 +36,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from baselines.base import SparseAutoencoder
 from baselines.foreign import source_of, suite_node
-from benchmark import activations, cli_errors, data, identity, models
+from benchmark import activations, cli_errors, data, fanout, identity, models
 from benchmark.errors import ConfigError
-from benchmark.evaluate import activation_metrics, evaluate_sae
+from benchmark.evaluate import activation_metrics, evaluate_group
 from benchmark.fileio import DiskFullError
 from benchmark.hub import check_sources
 from benchmark.metrics import METRICS_VERSION, definitions
 from benchmark.results import ResultRecord, git_commit, provenance, read_result, write_result
 from benchmark.saes import build_sae, load_sae, sae_node, save_sae
-from benchmark.train import Sparsity, TrainConfig, TrainResult, train_sae, write_history
+from benchmark.train import Sparsity, TrainConfig, Trainer, TrainResult, train_group, write_history
 from benchmark.validate import check_run, dictionary_size, evaluate_only, site_width
 
 log = logging.getLogger("benchmark.run")
@@ -120,71 +120,166 @@ class Trained:
     logger: Any = None  # finished once the result is written
 
 
-def train_stage(cfg: DictConfig, plan: Plan, model: LazyModel, out: Path) -> Trained:
-    sae = plan.sae
-    if plan.train is None or plan.sparsity is None:  # evaluate-only: raw activations, no scale
-        save_sae(sae, out, plan.node)
-        return Trained(None, 1.0, "")
-    stage("activations", out)
-    store = activations.get_activation_store(model, cfg, split="train")
-    if store.d_in != plan.d_in:
-        raise ConfigError(
-            f"site={cfg.site.name}: the activations have width {store.d_in} but the model "
-            f"config says {plan.d_in} (model.d_model / n_heads * d_head)"
-        )
-    stage(f"train {type(sae).__name__} d_in={plan.d_in} d_sae={plan.d_sae}", out)
-    logger = instantiate(cfg.logger)
-    logger.start(OmegaConf.to_container(cfg, resolve=True), out.name, str(out))
-    batch_size = plan.train.batch_size
+@dataclass
+class Member:
+    """One job of a run: its config, its folder and its Hydra choices. A single run is a group
+    of one; a fan-out group (benchmark/fanout.py) has several, sharing model, layer, data,
+    batch stream and evaluation config (benchmark.identity.group_key)."""
 
-    def batches(skip: int):
-        it = store.batches(batch_size, seed=int(cfg.seed))
-        for _ in range(skip):  # resume: the same seeded stream, fast-forwarded
-            next(it)
-        return it
+    cfg: DictConfig
+    out: Path
+    choices: dict[str, Any]
 
-    result = train_sae(
-        sae, batches, plan.train, plan.sparsity, checkpoint_path=out / "checkpoint.pt",
-        log=logger.log, progress=cfg.get("progress", True),
-    )  # fmt: skip
-    write_history(out / "history.csv", result.history)
-    sae.fold_scale(store.norm_scale)
-    save_sae(sae, out, plan.node)
-    return Trained(result, store.norm_scale, str(store.key), logger)
+
+def train_stage(
+    members: list[Member], plans: list[Plan], model: LazyModel, group: str | None
+) -> list[Trained]:
+    """Train every member's SAE: one harvest for all their sites (one model pass), then all
+    SAEs in lockstep on the same batches (`train_group`; one SAE is a group of one)."""
+    trained: list[Trained | None] = [None] * len(members)
+    todo = []
+    for i, (m, plan) in enumerate(zip(members, plans, strict=True)):
+        if plan.train is None or plan.sparsity is None:  # evaluate-only: raw activations
+            save_sae(plan.sae, m.out, plan.node)
+            trained[i] = Trained(None, 1.0, "")
+        else:
+            todo.append(i)
+    if todo:
+        lead = members[todo[0]]
+        sites = list({members[i].cfg.site.name: members[i].cfg.site for i in todo}.values())
+        stage("activations", lead.out)
+        stores = activations.get_activation_stores(model, lead.cfg, "train", sites=sites)
+        trainers, streams, loggers = [], [], []
+        for i in todo:
+            m, plan = members[i], plans[i]
+            assert plan.train is not None and plan.sparsity is not None
+            store = stores[m.cfg.site.name]
+            if store.d_in != plan.d_in:
+                raise ConfigError(
+                    f"site={m.cfg.site.name}: the activations have width {store.d_in} but the "
+                    f"model config says {plan.d_in} (model.d_model / n_heads * d_head)"
+                )
+            where = f" in fan-out group {group} ({len(todo)} SAEs)" if group else ""
+            stage(f"train {type(plan.sae).__name__} d_in={plan.d_in} d_sae={plan.d_sae}{where}",
+                  m.out)  # fmt: skip
+            logger = instantiate(m.cfg.logger)
+            logger.start(OmegaConf.to_container(m.cfg, resolve=True), m.out.name, str(m.out))
+            loggers.append(logger)
+            trainers.append(Trainer(plan.sae, plan.train, plan.sparsity,
+                                    checkpoint_path=m.out / "checkpoint.pt", log=logger.log,
+                                    progress=False))  # fmt: skip
+            streams.append(m.cfg.site.name)
+        seed, batch_size = int(lead.cfg.seed), trainers[0].cfg.batch_size
+
+        def factory(store: Any) -> Any:
+            def batches(skip: int) -> Any:
+                it = store.batches(batch_size, seed=seed)
+                for _ in range(skip):  # resume: the same seeded stream, fast-forwarded
+                    next(it)
+                return it
+
+            return batches
+
+        results = train_group(trainers, streams, {n: factory(st) for n, st in stores.items()},
+                              progress=lead.cfg.get("progress", True))  # fmt: skip
+        for i, result, logger in zip(todo, results, loggers, strict=True):
+            m, plan, store = members[i], plans[i], stores[members[i].cfg.site.name]
+            write_history(m.out / "history.csv", result.history)
+            plan.sae.fold_scale(store.norm_scale)
+            save_sae(plan.sae, m.out, plan.node)
+            trained[i] = Trained(result, store.norm_scale, str(store.key), logger)
+    return [t for t in trained if t is not None]
 
 
 def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
+    """One run: a group of one."""
+    return run_group([Member(cfg, out, choices)])[0]
+
+
+def run_group(members: list[Member], group: str | None = None) -> list[ResultRecord]:
+    """Train and evaluate the members' SAEs together and write each one's result.json, exactly
+    as separate runs would (same folders, same numbers), with `trained_in_group` set to the
+    group's key when there are several. Shared: the model (loaded once), one harvest pass per
+    split for all sites, the batches (lockstep training) and, per evaluation batch, the model
+    up to the hooked layer and the clean pass. `stage_seconds` in each record gives the
+    group's setup / harvest / train / evaluate wall times (shared stages counted once)."""
     t_start = time.perf_counter()
-    plan = plan_run(cfg)
-    check_sources(cfg)  # hub sources: available offline or reachable, in seconds
-    device = models.resolve_device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    model = LazyModel(cfg, device)
+    plans = [plan_run(m.cfg) for m in members]
+    for m in members:
+        check_sources(m.cfg)  # hub sources: available offline or reachable, in seconds
+    lead = members[0]
+    device = models.resolve_device(lead.cfg.device)
+    for m in members:
+        m.out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(m.cfg, m.out / "config.yaml", resolve=True)
+    model = LazyModel(lead.cfg, device)
+    clock = Clock()
     # The hook is checked against the loaded model's hook names on every run (a cache hit
     # too); the model is needed for the spliced evaluation anyway.
-    hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site, bridge=model())
-    plan.sae.to(device)
-    trained = train_stage(cfg, plan, model, out)
+    bridge = model()
+    hooks = [models.hook_name(m.cfg.model, int(m.cfg.layer.index), m.cfg.site, bridge=bridge)
+             for m in members]  # fmt: skip
+    for plan in plans:
+        plan.sae.to(device)
+    clock.lap("setup")
+    sites = list({m.cfg.site.name: m.cfg.site for m in members}.values())
+    n_held_out = int(lead.cfg.eval.n_activation_tokens)
+    activations.get_activation_stores(model, lead.cfg, "eval", sites=sites, n_tokens=n_held_out)
+    clock.lap("harvest")  # the held-out set; the training split's harvest is timed below
+    trained = train_stage(members, plans, model, group)
+    clock.split("harvest", "train", [t.result.seconds for t in trained if t.result is not None])
 
-    stage("evaluate", out)
-    eval_store, act_metrics, freq = activation_stage(cfg, plan.sae, model, device)
-    np.save(out / "firing_frequency.npy", freq.numpy())
-    lm_metrics = evaluate_stage(cfg, plan.sae, model(), hook, device)
-    metrics = {**act_metrics, **lm_metrics}
-    record = build_record(
-        cfg, plan, trained, out, choices, hook, device, metrics, str(eval_store.key)
-    )
-    record.wall_seconds = time.perf_counter() - t_start  # the whole run, record included
-    write_result(out, record)
-    m = record.metrics
-    log.info(
-        "[%s] done in %.0fs: l0=%.1f fvu=%.4f delta_lm_loss=%.4f frac_dead=%.4f (%d held-out tokens)",
-        out.name, record.wall_seconds, m["l0"], m["fvu"], m["delta_lm_loss"], m["frac_dead"],
-        m["n_activation_tokens"],
-    )  # fmt: skip
-    _after_result(out, trained.logger, m)
-    return record
+    stage("evaluate", lead.out)
+    act = []
+    for m, plan in zip(members, plans, strict=True):
+        eval_store, act_metrics, freq = activation_stage(m.cfg, plan.sae, model, device)
+        np.save(m.out / "firing_frequency.npy", freq.numpy())
+        act.append((eval_store, act_metrics))
+    lm = evaluate_stage(lead.cfg, [(p.sae, h) for p, h in zip(plans, hooks, strict=True)],
+                        bridge, device)  # fmt: skip
+    clock.lap("evaluate")
+    records = []
+    for m, plan, t, hook, (eval_store, act_metrics), lm_metrics in zip(
+        members, plans, trained, hooks, act, lm, strict=True
+    ):
+        record = build_record(m.cfg, plan, t, m.out, m.choices, hook, device,
+                              {**act_metrics, **lm_metrics}, str(eval_store.key))  # fmt: skip
+        record.trained_in_group = group
+        record.stage_seconds = dict(clock.laps)
+        record.wall_seconds = time.perf_counter() - t_start  # the whole group, record included
+        write_result(m.out, record)
+        r = record.metrics
+        log.info(
+            "[%s] done in %.0fs: l0=%.1f fvu=%.4f delta_lm_loss=%.4f frac_dead=%.4f (%d held-out tokens)",
+            m.out.name, record.wall_seconds, r["l0"], r["fvu"], r["delta_lm_loss"],
+            r["frac_dead"], r["n_activation_tokens"],
+        )  # fmt: skip
+        _after_result(m.out, t.logger, r)
+        records.append(record)
+    return records
+
+
+class Clock:
+    """Wall time per stage: `lap(name)` adds the time since the last lap to `name`."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.t
+        self.t = now
+
+    def split(self, first: str, second: str, second_parts: list[float]) -> None:
+        """A lap holding two stages: `second` is the sum of `second_parts` (the trainers' own
+        clocks), `first` the rest (the training split's harvest)."""
+        now = time.perf_counter()
+        whole = now - self.t
+        part = min(sum(second_parts), whole)
+        self.laps[first] = self.laps.get(first, 0.0) + whole - part
+        self.laps[second] = self.laps.get(second, 0.0) + part
+        self.t = now
 
 
 def build_record(
@@ -267,13 +362,16 @@ def activation_stage(cfg: DictConfig, sae, model: Any, device: torch.device):
     return store, metrics, freq
 
 
-def evaluate_stage(cfg: DictConfig, sae, lm, hook: str, device: torch.device):
-    """The LM metrics of a trained (scale-folded) SAE on the LM set of the held-out split."""
+def evaluate_stage(cfg: DictConfig, members, lm, device: torch.device):
+    """The LM metrics of trained (scale-folded) SAEs, each (sae, hook) of `members`, on the LM
+    set of the held-out split: one shared pass per batch up to the hooked layer
+    (`evaluate_group`). Returns one metrics dict per member."""
     tokens = data.eval_windows(cfg, lm.tokenizer).to(device)
     mask = data.non_special_mask(tokens, lm.tokenizer)
-    return evaluate_sae(
-        lm, sae.eval(), tokens, mask, hook, batch_size=int(cfg.eval.batch_size),
-        cache_dir=cfg.cache_dir, model_key=activations.model_key(cfg), kl_div=bool(cfg.eval.kl_div),
+    return evaluate_group(
+        lm, [(sae.eval(), hook) for sae, hook in members], tokens, mask,
+        batch_size=int(cfg.eval.batch_size), cache_dir=cfg.cache_dir,
+        model_key=activations.model_key(cfg), kl_div=bool(cfg.eval.kl_div),
         progress=cfg.get("progress", True),
     )  # fmt: skip
 
@@ -288,7 +386,7 @@ def reevaluate(run_dir: str | Path, device: str = "auto") -> dict[str, float | N
     hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
     lm = models.load_model(cfg.model, dev, cfg.cache_dir)
     _, act_metrics, _ = activation_stage(cfg, sae, lm, dev)
-    return {**act_metrics, **evaluate_stage(cfg, sae, lm, hook, dev)}
+    return {**act_metrics, **evaluate_stage(cfg, [(sae, hook)], lm, dev)[0]}
 
 
 def check_folder(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
@@ -355,12 +453,47 @@ def check_writable(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={path}: this folder is not writable")
 
 
+def run_fanout(group: fanout.Group, out: Path) -> Any:
+    """The return value of the job writing to `out`, a member of a fan-out group: the group's
+    first job runs every member that is not already complete (`run_group`); the others return
+    what it computed. A failure marks every unfinished member failed, and each of the group's
+    jobs reports it."""
+    if not group.ran:
+        group.ran = True
+        todo = []
+        for m in group.members:
+            check_writable(m.cfg)
+            done = check_folder(m.cfg, m.out)
+            if done is not None:
+                group.values[str(m.out)] = done.get("delta_lm_loss")
+            else:
+                todo.append(m)
+        try:
+            if todo:
+                key = group.key if len(todo) > 1 else None
+                for m, record in zip(todo, run_group(todo, key), strict=True):
+                    group.values[str(m.out)] = record.metrics["delta_lm_loss"]
+        except (ConfigError, DiskFullError):
+            raise
+        except Exception as e:
+            group.error = f"{type(e).__name__}: {e}"
+            for m in todo:
+                record_failure(m.out, e, m.choices, m.cfg)
+            raise
+    if group.error is not None:
+        raise RuntimeError(f"its fan-out group {group.key[:8]} failed: {group.error}")
+    return group.values.get(str(out))
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     choices = {g: hc.runtime.choices.get(g) for g in CHOICE_GROUPS}
+    group = fanout.group_for(out)
     try:
+        if group is not None:
+            return run_fanout(group, out)
         check_writable(cfg)
         done = check_folder(cfg, out)
         if done is not None:
@@ -371,7 +504,8 @@ def main(cfg: DictConfig) -> float | None:
             raise
         cli_errors.fail(str(e))
     except Exception as e:
-        record_failure(out, e, choices, cfg)
+        if group is None:
+            record_failure(out, e, choices, cfg)
         raise
 
 

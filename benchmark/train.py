@@ -313,6 +313,131 @@ def _load_checkpoint(path: Path, sae, opt) -> TrainState:
     return ckpt["state"]
 
 
+class Trainer:
+    """One SAE's training, a step at a time: the optimiser, the schedules, calibration, the
+    dead-latent window, the NaN guard, checkpoints and the history. `train_sae` drives one
+    Trainer over its own batch stream; `train_group` drives several in lockstep over shared
+    streams (fan-out). Both call the same `step`, so an SAE trained in a group ends with
+    exactly the weights of a separate run fed the same batches.
+
+    A checkpoint at `checkpoint_path` is loaded on construction (resume at `state.step`).
+    `seconds` counts this SAE's own steps (and, in `train_sae`, its batch loading).
+    """
+
+    def __init__(
+        self, sae: SparseAutoencoder, cfg: TrainConfig, sparsity: Sparsity, *,
+        checkpoint_path: str | Path | None = None,
+        log: Callable[[dict[str, float], int], None] | None = None, progress: bool = True,
+    ) -> None:  # fmt: skip
+        self.sae, self.cfg, self.sparsity, self.log = sae, cfg, sparsity, log
+        self.device = next(sae.parameters()).device
+        self.opt = torch.optim.Adam(
+            _param_groups(sae, cfg.param_lr_scale), lr=cfg.lr, betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+        )  # fmt: skip
+        self.state = TrainState(coefficient=sae.coefficient)
+        self.ckpt = Path(checkpoint_path) if checkpoint_path else None
+        if self.ckpt is not None and self.ckpt.exists():
+            self.state = _load_checkpoint(self.ckpt, sae, self.opt)
+            _log.info("resuming from the checkpoint %s at step %d", self.ckpt, self.state.step)
+        if self.state.tokens_since_fired is None:
+            self.state.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long,
+                                                        device=self.device)  # fmt: skip
+        # An architecture that aims at the target itself (a target-L0 penalty) is not calibrated.
+        aims = getattr(sae, "aims_at_target_l0", False)
+        calibrate = sparsity.mode == "target_l0" and self.state.coefficient > 0 and not aims
+        self.calibration_steps = int(cfg.calibration_frac * cfg.total_steps) if calibrate else 0
+        self.params = list(sae.named_parameters())
+        self.step0 = self.state.step
+        self.seconds = 0.0
+        self.bar = _progress_bar(cfg.total_steps, self.state.step, progress)
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.cfg.total_steps
+
+    def step(self, x: Tensor) -> None:
+        """One optimiser step on the normalised batch x (B, d_in); then log and checkpoint."""
+        t0 = time.perf_counter()
+        sae, cfg, state, opt, ckpt = self.sae, self.cfg, self.state, self.opt, self.ckpt
+        step = state.step
+        x = x.to(self.device, non_blocking=True)
+        init_b_pre = getattr(sae, "init_b_pre", None)  # optional architecture hook (TopK)
+        if step == 0 and callable(init_b_pre):
+            init_b_pre(x)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_multiplier(step, cfg) * group["lr_scale"]
+        since = state.tokens_since_fired
+        assert since is not None
+        dead = since >= cfg.dead_window if sae.uses_dead_mask else None
+        lam = coefficient_at(step, state, cfg, self.sparsity)
+        out = sae(x)
+        terms = sae.loss(x, coefficient=lam, dead_mask=dead, out=out)
+        if not torch.isfinite(terms["loss"]):
+            raise _diverged("non-finite loss", f"{terms['loss'].item()}", step, ckpt)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        # A finite loss can still give inf gradients; the step would turn them into NaN weights.
+        grads = [(n, p.grad) for n, p in self.params if p.grad is not None]
+        if (bad := _first_nonfinite(grads)) is not None:
+            raise _diverged("non-finite gradient of", bad, step, ckpt)
+        sae.before_optimizer_step()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        opt.step()
+        sae.after_optimizer_step()
+        if (bad := _first_nonfinite(self.params)) is not None:
+            raise _diverged("non-finite parameter", bad, step, ckpt)
+
+        with torch.no_grad():
+            fired = out.f > 0  # (B, d_sae), from this step's forward pass
+            l0 = fired.sum(dim=-1).float().mean().item()
+            since += x.shape[0]
+            since[fired.any(dim=0)] = 0
+        state.l0_ema = l0 if math.isnan(state.l0_ema) else 0.9 * state.l0_ema + 0.1 * l0
+        if step < self.calibration_steps and self.sparsity.target_l0:
+            # Integral control on log lambda (optionally with a gain annealed to 0).
+            err = math.log(max(l0, 0.5) / self.sparsity.target_l0)
+            gain = cfg.calibration_gain
+            if cfg.calibration_anneal:
+                gain *= 1 - step / self.calibration_steps
+            state.coefficient *= math.exp(gain * err)
+        state.step = step + 1
+
+        if state.step == 1 or state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
+            lr = opt.param_groups[0]["lr"]  # the group of the shared weights (W_dec first)
+            row = _log_row(state, terms, x, cfg, l0=l0, lr=lr, coefficient=lam)
+            state.history.append(row)
+            if self.log is not None:
+                self.log(row, state.step)
+            self.bar.set_postfix(**{k: f"{row[k]:.4g}" for k in ("loss", "l0", "fvu")})
+        self.bar.update(1)
+        if ckpt is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            self.checkpoint()
+        self.seconds += time.perf_counter() - t0
+
+    def checkpoint(self) -> None:
+        if self.ckpt is not None:
+            _save_checkpoint(self.ckpt, self.sae, self.opt, self.state)
+
+    def result(self) -> TrainResult:
+        self.bar.close()
+        tokens = (self.state.step - self.step0) * self.cfg.batch_size
+        return TrainResult(
+            steps=self.state.step,
+            tokens=self.state.step * self.cfg.batch_size,
+            seconds=self.seconds,
+            tokens_per_s=tokens / self.seconds if self.seconds > 0 else float("nan"),
+            peak_memory_mb=peak_memory_mb(self.device),
+            coefficient=self.state.coefficient,
+            train_l0=self.state.l0_ema,
+            history=self.state.history,
+            final_frac_dead=_frac_dead(self.state, self.cfg),
+            dead_window_tokens=self.cfg.dead_window,
+            resumed_from_step=self.step0,
+        )
+
+
 def train_sae(
     sae: SparseAutoencoder,
     batches: BatchFactory,
@@ -329,96 +454,62 @@ def train_sae(
     stop_after: stop (after checkpointing) once this many steps are done: simulates an
     interrupted run in tests.
     """
-    device = next(sae.parameters()).device
-    opt = torch.optim.Adam(
-        _param_groups(sae, cfg.param_lr_scale), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps
-    )
-    state = TrainState(coefficient=sae.coefficient)
-    ckpt = Path(checkpoint_path) if checkpoint_path else None
-    if ckpt is not None and ckpt.exists():
-        state = _load_checkpoint(ckpt, sae, opt)
-        _log.info("resuming from the checkpoint %s at step %d", ckpt, state.step)
-    if state.tokens_since_fired is None:
-        state.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    calibrate = sparsity.mode == "target_l0" and state.coefficient > 0
-    calibration_steps = int(cfg.calibration_frac * cfg.total_steps) if calibrate else 0
-
-    it = batches(state.step)
-    bar = _progress_bar(cfg.total_steps, state.step, progress)
-    params = list(sae.named_parameters())
-    t0, step0 = time.perf_counter(), state.step
-    for step in range(state.step, cfg.total_steps):
-        x = next(it).to(device, non_blocking=True)  # (B, d_in)
-        init_b_pre = getattr(sae, "init_b_pre", None)  # optional architecture hook (TopK)
-        if step == 0 and callable(init_b_pre):
-            init_b_pre(x)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_multiplier(step, cfg) * group["lr_scale"]
-        dead = state.tokens_since_fired >= cfg.dead_window if sae.uses_dead_mask else None
-        lam = coefficient_at(step, state, cfg, sparsity)
-        out = sae(x)
-        terms = sae.loss(x, coefficient=lam, dead_mask=dead, out=out)
-        if not torch.isfinite(terms["loss"]):
-            raise _diverged("non-finite loss", f"{terms['loss'].item()}", step, ckpt)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        # A finite loss can still give inf gradients; the step would turn them into NaN weights.
-        grads = [(n, p.grad) for n, p in params if p.grad is not None]
-        if (bad := _first_nonfinite(grads)) is not None:
-            raise _diverged("non-finite gradient of", bad, step, ckpt)
-        sae.before_optimizer_step()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
-        sae.after_optimizer_step()
-        if (bad := _first_nonfinite(params)) is not None:
-            raise _diverged("non-finite parameter", bad, step, ckpt)
-
-        with torch.no_grad():
-            fired = out.f > 0  # (B, d_sae), from this step's forward pass
-            l0 = fired.sum(dim=-1).float().mean().item()
-            state.tokens_since_fired += x.shape[0]
-            state.tokens_since_fired[fired.any(dim=0)] = 0
-        state.l0_ema = l0 if math.isnan(state.l0_ema) else 0.9 * state.l0_ema + 0.1 * l0
-        if step < calibration_steps and sparsity.target_l0:
-            # Integral control on log lambda (optionally with a gain annealed to 0).
-            err = math.log(max(l0, 0.5) / sparsity.target_l0)
-            gain = cfg.calibration_gain
-            if cfg.calibration_anneal:
-                gain *= 1 - step / calibration_steps
-            state.coefficient *= math.exp(gain * err)
-        state.step = step + 1
-
-        if state.step == 1 or state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
-            lr = opt.param_groups[0]["lr"]  # the group of the shared weights (W_dec first)
-            row = _log_row(state, terms, x, cfg, l0=l0, lr=lr, coefficient=lam)
-            state.history.append(row)
-            if log is not None:
-                log(row, state.step)
-            bar.set_postfix(**{k: f"{row[k]:.4g}" for k in ("loss", "l0", "fvu")})
-        bar.update(1)
-        if ckpt is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, sae, opt, state)
-        if stop_after is not None and state.step >= stop_after:
-            if ckpt is not None:
-                _save_checkpoint(ckpt, sae, opt, state)
+    trainer = Trainer(sae, cfg, sparsity, checkpoint_path=checkpoint_path, log=log,
+                      progress=progress)  # fmt: skip
+    it = batches(trainer.state.step)
+    while not trainer.done:
+        t0 = time.perf_counter()
+        x = next(it)
+        trainer.seconds += time.perf_counter() - t0  # a single run's clock includes loading
+        trainer.step(x)
+        if stop_after is not None and trainer.state.step >= stop_after:
+            trainer.checkpoint()
             break
+    return trainer.result()
+
+
+def train_group(
+    trainers: Sequence[Trainer],
+    streams: Sequence[Any],
+    batches: Mapping[Any, BatchFactory],
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> list[TrainResult]:
+    """Fan-out: train several SAEs in lockstep. `streams[i]` names the batch stream trainer i
+    reads (e.g. its site); `batches[name]` is that stream's factory, opened once at the
+    earliest step any of its trainers needs. Each batch is drawn once per stream and fed to
+    every trainer of that stream that is at that step (a trainer resumed further ahead waits
+    until the stream reaches it). All trainers must share batch_size and n_tokens (the group
+    key, benchmark.identity.group_key). The batch loading time is shared out evenly among
+    the trainers of a stream. stop_after: as in `train_sae`, for every trainer."""
+    if len({(t.cfg.batch_size, t.cfg.total_steps) for t in trainers}) > 1:
+        raise ValueError("train_group: the trainers differ in batch_size or n_tokens")
+    total = trainers[0].cfg.total_steps if trainers else 0
+    members: dict[Any, list[Trainer]] = {}
+    for trainer, name in zip(trainers, streams, strict=True):
+        members.setdefault(name, []).append(trainer)
+    first = {name: min(t.state.step for t in ts) for name, ts in members.items()}
+    its = {name: batches[name](first[name]) for name in members}
+    start = min(first.values(), default=total)
+    end = total if stop_after is None else min(total, stop_after)
+    bar = _progress_bar(end, start, progress)
+    for step in range(start, end):
+        for name, ts in members.items():
+            if step < first[name]:
+                continue
+            t0 = time.perf_counter()
+            x = next(its[name])
+            due = [t for t in ts if t.state.step == step]
+            for t in due:
+                t.seconds += (time.perf_counter() - t0) / len(due)
+                t.step(x)
+        bar.update(1)
     bar.close()
-    seconds = time.perf_counter() - t0
-    tokens = (state.step - step0) * cfg.batch_size
-    return TrainResult(
-        steps=state.step,
-        tokens=state.step * cfg.batch_size,
-        seconds=seconds,
-        tokens_per_s=tokens / seconds if seconds > 0 else float("nan"),
-        peak_memory_mb=peak_memory_mb(device),
-        coefficient=state.coefficient,
-        train_l0=state.l0_ema,
-        history=state.history,
-        final_frac_dead=_frac_dead(state, cfg),
-        dead_window_tokens=cfg.dead_window,
-        resumed_from_step=step0,
-    )
+    if stop_after is not None:
+        for t in trainers:
+            t.checkpoint()
+    return [t.result() for t in trainers]
 
 
 def _frac_dead(state: TrainState, cfg: TrainConfig) -> float:

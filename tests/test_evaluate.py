@@ -130,12 +130,13 @@ def test_cached_losses_are_reused(bundled_model, eval_set, tmp_path, monkeypatch
     first = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=4,
                          cache_dir=tmp_path, model_key="m")  # fmt: skip
 
-    def fail(*a, **k):
-        raise AssertionError("recomputed a cached loss")
-
-    monkeypatch.setattr(ev, "mean_ce", fail)
+    passes = []
+    real = ev.run_from
+    monkeypatch.setattr(ev, "run_from", lambda *a, **k: passes.append(a[3]) or real(*a, **k))
     again = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=4,
                          cache_dir=tmp_path, model_key="m", kl_div=False)  # fmt: skip
+    n_batches = -(-len(tokens) // 4)
+    assert len(passes) == n_batches  # the spliced pass only: no clean, no zero-ablation pass
     assert again["clean_ce_loss"] == first["clean_ce_loss"]
     assert again["zero_ce_loss"] == first["zero_ce_loss"]
 
@@ -178,7 +179,12 @@ class _LogitsIgnoreActivations:
     """A stand-in LM whose logits do not depend on the hooked activation: zero ablation
     costs nothing, so CE recovered has a zero denominator."""
 
-    def run_with_hooks(self, tokens, fwd_hooks, return_type="logits"):
+    blocks: list = []
+
+    def __call__(self, tokens, stop_at_layer=None):  # the residual entering block 0
+        return tokens
+
+    def run_with_hooks(self, tokens, fwd_hooks, return_type="logits", start_at_layer=None):
         act = torch.ones(*tokens.shape, 3)
         for _, fn in fwd_hooks:
             fn(act)
@@ -188,7 +194,8 @@ class _LogitsIgnoreActivations:
 def test_ce_recovered_is_null_when_zero_ablation_costs_nothing():
     tokens = torch.tensor([[0, 1, 2, 3], [0, 3, 2, 1]])
     mask = tokens != 0
-    m = evaluate_sae(_LogitsIgnoreActivations(), Identity(), tokens, mask, "h", batch_size=1)
+    m = evaluate_sae(_LogitsIgnoreActivations(), Identity(), tokens, mask, "blocks.0.h",
+                     batch_size=1)  # fmt: skip
     assert m["zero_ce_loss"] - m["clean_ce_loss"] < CE_RECOVERED_MIN_GAP
     assert m["ce_loss_recovered"] is None
     assert m["delta_lm_loss"] == 0.0

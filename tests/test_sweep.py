@@ -97,6 +97,10 @@ def test_every_job_writes_a_complete_result_with_the_schema(sweep):
         assert not (path.parent / "checkpoint.pt").exists()
     # the sweep's progress lines: one start and one end per job, then the summary
     assert log.count("[sweep] job") == 8 and "[sweep] finished" in log
+    # the default launcher ran the 4 jobs as one fan-out group: one model pass, one harvest
+    groups = {json.loads(p.read_text())["trained_in_group"] for p in results}
+    assert len(groups) == 1 and None not in groups, groups
+    assert "fan-out group" in log and log.count("] activations") == 1
 
 
 def test_topk_hits_its_target_exactly_and_the_new_baseline_is_calibrated(sweep):
