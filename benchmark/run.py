@@ -20,6 +20,7 @@ every traceback.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import traceback
@@ -171,8 +172,19 @@ def train_stage(
             streams.append(m.cfg.site.name)
         seed, batch_size = int(lead.cfg.seed), trainers[0].cfg.batch_size
 
-        def factory(store: Any) -> Any:
+        def factory(name: str, store: Any) -> Any:
+            # A streamed store starts at batch `skip` without the model: exactly, from the
+            # state it saves in the first folder of its stream whenever the trainers
+            # checkpoint (`StreamingStore.batches`). A cache is fast-forwarded (no model).
+            own = [t for t, s in zip(trainers, streams, strict=True) if s == name]
+            every = math.gcd(*(t.cfg.checkpoint_every for t in own))
+            ckpt = own[0].ckpt if own else None
+
             def batches(skip: int) -> Any:
+                if isinstance(store, activations.StreamingStore):
+                    state = ckpt.parent / store.STATE_FILE if ckpt is not None else None
+                    return store.batches(batch_size, seed=seed, start=skip, state_path=state,
+                                         save_every=every)  # fmt: skip
                 it = store.batches(batch_size, seed=seed)
                 for _ in range(skip):  # resume: the same seeded stream, fast-forwarded
                     next(it)
@@ -180,7 +192,7 @@ def train_stage(
 
             return batches
 
-        results = train_group(trainers, streams, {n: factory(st) for n, st in stores.items()},
+        results = train_group(trainers, streams, {n: factory(n, st) for n, st in stores.items()},
                               progress=lead.cfg.get("progress", True))  # fmt: skip
         for i, result, logger in zip(todo, results, loggers, strict=True):
             m, plan, store = members[i], plans[i], stores[members[i].cfg.site.name]
@@ -342,6 +354,7 @@ def _after_result(out: Path, logger: Any, metrics: dict[str, Any]) -> None:
     one: a failure is logged as a warning and the complete record stays."""
     try:
         (out / "checkpoint.pt").unlink(missing_ok=True)  # the weights are saved; free the space
+        (out / activations.StreamingStore.STATE_FILE).unlink(missing_ok=True)  # and a stream's
         if logger is not None:
             logger.finish(metrics)
     except Exception as e:  # noqa: BLE001

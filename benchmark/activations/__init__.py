@@ -46,7 +46,11 @@ Owns the activation cache and everything between token windows and the trainer's
   (c = sqrt(mean ||x||^2), float64, the value a cache of that many tokens would hold) and
   kept in `{cache_dir}/activations/<key>/norm.json` (key spec: "stream": "norm_scale"), so
   every job of a sweep divides by the same scalar; a hit never loads the model until the
-  first batch is asked for.
+  first batch is asked for. A resumed run starts the stream at batch k without running the
+  model over the k batches (`StreamingStore.batches(start=k)`): exactly from the state the
+  stream saves beside the trainer's checkpoint (`stream_state.pt`: position, shuffle buffer,
+  RNG), else approximately by skipping the windows those batches consumed (the rows in the
+  buffer at the kill are then not seen; the rest of the stream is read in another order).
 
 Attention-sink outliers. On SmolLM2-135M at layer 6, the BOS position has a residual norm ~9x
 the median (~900 vs ~104); it is excluded with the other special positions. A second group
