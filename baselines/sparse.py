@@ -114,6 +114,7 @@ class _SampledPre(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         xc, W_enc = ctx.saved_tensors
         code: SparseCode = ctx.code
+        grad = grad.to(W_enc.dtype)  # bf16 under autocast (`pre` was); the weights' dtype here
         # d pre_bi / d W_enc[:, i] = xc_b: column i gets sum_b g_bi xc_b over its sampled tokens.
         grad_W = _by_latent_sum(code, xc, grad).t() if ctx.needs_input_grad[3] else None
         grad_b_enc = grad.new_zeros(code.d_sae).index_add_(0, code.latents, grad)  # (d_sae,)
@@ -158,7 +159,9 @@ class _SparseDecode(torch.autograd.Function):
 
 def sparse_decode(code: SparseCode, values: Tensor, W_dec: Tensor) -> Tensor:
     """sum_n values_n W_dec[latents_n] per token: (n_tokens, d_in), without b_dec."""
-    return _SparseDecode.apply(code, values, W_dec)  # type: ignore[no-any-return]
+    # values come out of autocast's bf16 encoder product (train.precision=bf16); embedding_bag
+    # needs them in W_dec's dtype (autocast does not cover it). A no-op in fp32.
+    return _SparseDecode.apply(code, values.to(W_dec.dtype), W_dec)  # type: ignore[no-any-return]
 
 
 def dense_code(code: SparseCode, values: Tensor, like: Tensor) -> Tensor:

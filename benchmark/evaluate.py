@@ -91,10 +91,15 @@ LOGPROB_CHUNK = 256
 
 def _log_probs_chunks(logits: Tensor, pm: Tensor):
     """(B, T, V) logits, (B, T-1) scored positions -> fp32 log-probabilities of the scored
-    predictor positions, LOGPROB_CHUNK rows at a time, with the chunk's row indices."""
-    rows = logits[:, :-1][pm]  # (n, V) in the model's dtype: no fp32 copy of the whole batch
-    for i in range(0, rows.shape[0], LOGPROB_CHUNK):
-        yield i, F.log_softmax(rows[i : i + LOGPROB_CHUNK].float(), dim=-1)
+    predictor positions, LOGPROB_CHUNK rows at a time, with the chunk's row indices. Rows are
+    gathered a chunk at a time by flat index: a boolean mask over the whole (B, T-1, V) would
+    copy every scored row at once (as large as the logits)."""
+    B, T, V = logits.shape
+    flat = logits.reshape(B * T, V)  # a view of contiguous logits
+    # (n,) flat row indices b * T + t of the scored positions, in the row-major order of pm
+    idx = F.pad(pm, (0, 1)).reshape(-1).nonzero().squeeze(1)
+    for i in range(0, idx.shape[0], LOGPROB_CHUNK):
+        yield i, F.log_softmax(flat[idx[i : i + LOGPROB_CHUNK]].float(), dim=-1)
 
 
 def next_token_losses(logits: Tensor, tokens: Tensor) -> Tensor:

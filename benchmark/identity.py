@@ -49,12 +49,21 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     for group, key in BOOKKEEPING_NESTED:
         if isinstance(out.get(group), dict):
             out[group].pop(key, None)
+    # train.precision (tf32/bf16 change numbers) hashes only when it is not the default fp32,
+    # so runs from before the option keep their hashes, folders and results.
+    if isinstance(out.get("train"), dict) and out["train"].get("precision") == "fp32":
+        del out["train"]["precision"]
     return out
 
 
 def identity_dict(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as hashed by `config_hash` (bookkeeping removed)."""
     return _plain(cfg)
+
+
+def digest(obj: Any) -> str:
+    """A short hash of a JSON-able object."""
+    return _digest(obj)
 
 
 def _digest(obj: Any) -> str:

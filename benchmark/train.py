@@ -3,8 +3,10 @@
 Owns: the optimiser (Adam), the learning-rate and sparsity-coefficient schedules, matched-L0
 calibration of the coefficient, decoder-norm handling around each step (through the SAE's
 `before_optimizer_step` / `after_optimizer_step`), the dead-latent window for AuxK, gradient
-clipping, checkpoints with exact resume, the NaN guard (loss, gradients, parameters) and
-progress/logging, including the training history (`write_history`).
+clipping, the matmul precision of the SAE's step (`train.precision`: fp32, or on CUDA tf32 or
+bf16 autocast with fp32 parameters and optimiser state), checkpoints with exact resume, the
+NaN guard (loss, gradients, parameters) and progress/logging, including the training history
+(`write_history`).
 
 Must not know: the model, the data source, Hydra or any architecture by name. It is fed a
 factory of iterators over normalised activation batches and asks the SAE only for its
@@ -31,6 +33,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,46 @@ BatchFactory = Callable[[int], Iterator[Tensor]]
 # YAMLs interpolate (conf/sae/jumprelu.yaml reads ${train.jumprelu.*}). Any other key that is
 # not a TrainConfig field is a typo and fails in `TrainConfig.from_dict`.
 NON_TRAINER_KEYS: tuple[str, ...] = ("name", "width", "width_factor", "jumprelu")
+
+
+# train.precision: the SAE's matmul precision. fp32: plain float32. tf32: float32 with TF32
+# tensor-core matmuls (CUDA only). bf16: forward and loss under torch.autocast(bfloat16) (CUDA
+# only); parameters, thresholds, gradients and Adam state stay float32 and the loss is float32.
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+
+
+def check_precision_device(precision: str, device_type: str) -> None:
+    """ConfigError if train.precision asks for CUDA matmuls on another device (on a CPU, bf16
+    matmuls are extremely slow and TF32 does not exist)."""
+    if precision in PRECISIONS and precision != "fp32" and device_type != "cuda":
+        raise ConfigError(
+            f"train.precision={precision} needs CUDA, but the SAE trains on {device_type}; "
+            "use train.precision=fp32 there (bf16 matmuls are extremely slow on a CPU)"
+        )
+
+
+@contextmanager
+def _tf32() -> Iterator[None]:
+    """TF32 tensor-core matmuls and convolutions inside the block; the flags are restored."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def matmul_precision(
+    precision: str, device_type: str, *, backward: bool = False
+) -> AbstractContextManager[Any]:
+    """The context of train.precision for the SAE's forward and loss (backward=False) or its
+    backward pass: fp32 none; tf32 the TF32 flags for both; bf16 autocast for the forward and
+    loss only (autocast's backward runs each op in its forward's dtype by itself)."""
+    if precision == "tf32":
+        return _tf32()
+    if precision == "bf16" and not backward:
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 class TrainingDiverged(RuntimeError):
@@ -109,6 +152,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 100
     param_lr_scale: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         """Types and ranges; each failure names its train.<key> and the value."""
@@ -159,6 +203,10 @@ class TrainConfig:
         self.param_lr_scale = {
             str(k): _real(f"param_lr_scale.{k}", v, 0) for k, v in self.param_lr_scale.items()
         }
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -331,6 +379,7 @@ class Trainer:
     ) -> None:  # fmt: skip
         self.sae, self.cfg, self.sparsity, self.log = sae, cfg, sparsity, log
         self.device = next(sae.parameters()).device
+        check_precision_device(cfg.precision, self.device.type)
         self.opt = torch.optim.Adam(
             _param_groups(sae, cfg.param_lr_scale), lr=cfg.lr, betas=cfg.adam_betas,
             eps=cfg.adam_eps,
@@ -371,12 +420,16 @@ class Trainer:
         assert since is not None
         dead = since >= cfg.dead_window if sae.uses_dead_mask else None
         lam = coefficient_at(step, state, cfg, self.sparsity)
-        out = sae(x)
-        terms = sae.loss(x, coefficient=lam, dead_mask=dead, out=out)
+        with matmul_precision(cfg.precision, self.device.type):
+            out = sae(x)
+            terms = sae.loss(x, coefficient=lam, dead_mask=dead, out=out)
+        if cfg.precision == "bf16":  # the loss and its terms in fp32, whatever autocast chose
+            terms = {name: t.float() for name, t in terms.items()}
         if not torch.isfinite(terms["loss"]):
             raise _diverged("non-finite loss", f"{terms['loss'].item()}", step, ckpt)
         opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        with matmul_precision(cfg.precision, self.device.type, backward=True):
+            terms["loss"].backward()
         # A finite loss can still give inf gradients; the step would turn them into NaN weights.
         grads = [(n, p.grad) for n, p in self.params if p.grad is not None]
         if (bad := _first_nonfinite(grads)) is not None:

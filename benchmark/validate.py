@@ -12,10 +12,12 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from benchmark.errors import ConfigError
+from benchmark.train import check_precision_device
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Arguments the runner supplies when it instantiates a node (not written in the YAML).
@@ -211,6 +213,21 @@ def check_seed(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={seed!r} must be an integer in [0, 2**32)")
 
 
+def check_precision(cfg: DictConfig) -> None:
+    """train.precision tf32/bf16 on a device that resolves to a CPU (device=cpu, or auto on a
+    machine without CUDA): a ConfigError now rather than when training starts. The value itself
+    is checked by TrainConfig; a device name torch rejects is reported by models.resolve_device."""
+    precision, name = cfg.train.get("precision", "fp32"), str(cfg.get("device", "auto"))
+    if name == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        try:
+            device_type = torch.device(name).type
+        except RuntimeError:
+            return
+    check_precision_device(precision, device_type)
+
+
 def evaluate_only(cfg: DictConfig) -> bool:
     """train=none: no training; the SAE is loaded from `sae.path` (conf/train/none.yaml)."""
     return cfg.train.get("name") == "none"
@@ -231,6 +248,7 @@ def check_run(cfg: DictConfig) -> None:
             )
         return
     check_width(cfg)
+    check_precision(cfg)
     d_sae = dictionary_size(cfg, site_width(cfg))
     sp = cfg.sparsity
     if sp.mode == "target_l0":
