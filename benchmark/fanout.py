@@ -68,49 +68,134 @@ def group_for(out: str | Path) -> Group | None:
     return _GROUPS.get(os.path.abspath(out))
 
 
-def plan_groups(jobs: Sequence[tuple[DictConfig, Path, dict[str, Any]]]) -> list[Group]:
-    """Group (task config, folder, choices) jobs by group key, keeping launch order."""
+def plan_groups(
+    jobs: Sequence[tuple[DictConfig, Path, dict[str, Any]]],
+    *,
+    max_saes: int | None = None,
+    split_sites: bool = False,
+) -> list[Group]:
+    """Group (task config, folder, choices) jobs by group key, keeping launch order.
+    split_sites: one group per site too (e.g. when a cluster's GPU holds one site's SAEs);
+    max_saes: groups larger than this are cut into consecutive chunks of at most max_saes."""
     from benchmark.run import Member
 
     groups: dict[str, Group] = {}
     for cfg, out, choices in jobs:
         key = identity.group_key(cfg)
+        if split_sites:
+            key = identity.digest([key, str(cfg.site.name)])
         groups.setdefault(key, Group(key)).members.append(Member(cfg, out, choices))
-    return list(groups.values())
+    if not max_saes:
+        return list(groups.values())
+    chunks = []
+    for g in groups.values():
+        for i in range(0, len(g.members), max_saes):
+            part = g.members[i : i + max_saes]
+            key = g.key if len(part) == len(g.members) else identity.digest([g.key, i])
+            chunks.append(Group(key, part))
+    return chunks
+
+
+def register(groups: Sequence[Group]) -> None:
+    """Make the groups of two or more jobs known to the jobs' task function (benchmark.run)."""
+    _GROUPS.clear()
+    for g in groups:
+        if len(g.members) > 1:
+            log.info("fan-out group %s: %d SAEs (%s)", g.key[:8], len(g.members),
+                     ", ".join(m.out.name for m in g.members))  # fmt: skip
+            for m in g.members:
+                _GROUPS[os.path.abspath(m.out)] = g
+
+
+def compose_job(
+    hydra_context: Any, config: DictConfig, overrides: Sequence[str], idx: int
+) -> tuple[DictConfig, Path, dict[str, Any]]:
+    """A job's task config, folder and choices, composed as Hydra's run_job will."""
+    sweep = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep):
+        sweep.hydra.job.id = idx
+        sweep.hydra.job.num = idx
+    HydraConfig.instance().set_config(sweep)  # the folder name reads ${hydra:...}
+    out = Path(str(sweep.hydra.sweep.dir)) / str(sweep.hydra.sweep.subdir)
+    choices = {g: sweep.hydra.runtime.choices.get(g) for g in CHOICE_GROUPS}
+    task = copy.deepcopy(sweep)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task, Path(os.path.abspath(out)), choices
 
 
 class FanoutLauncher(BasicLauncher):
     """The basic launcher, with the jobs grouped first (module docstring)."""
 
-    def __init__(self, group: bool = True) -> None:
+    def __init__(
+        self, group: bool = True, max_saes: int | None = None, split_sites: bool = False
+    ) -> None:
         super().__init__()
-        self.group = group
+        self.group, self.max_saes, self.split_sites = group, max_saes, split_sites
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         _GROUPS.clear()
         if self.group:
-            for g in plan_groups([self._job(o, initial_job_idx + i)
-                                  for i, o in enumerate(job_overrides)]):  # fmt: skip
-                if len(g.members) > 1:
-                    log.info("fan-out group %s: %d SAEs (%s)", g.key[:8], len(g.members),
-                             ", ".join(m.out.name for m in g.members))  # fmt: skip
-                    for m in g.members:
-                        _GROUPS[os.path.abspath(m.out)] = g
+            assert self.hydra_context is not None and self.config is not None
+            jobs = [compose_job(self.hydra_context, self.config, o, initial_job_idx + i)
+                    for i, o in enumerate(job_overrides)]  # fmt: skip
+            register(plan_groups(jobs, max_saes=self.max_saes, split_sites=self.split_sites))
         return super().launch(job_overrides, initial_job_idx)
 
-    def _job(self, overrides: Sequence[str], idx: int) -> tuple[DictConfig, Path, dict[str, Any]]:
-        """A job's task config, folder and choices, composed as Hydra's run_job will."""
-        assert self.hydra_context is not None and self.config is not None
-        sweep = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(sweep):
-            sweep.hydra.job.id = idx
-            sweep.hydra.job.num = idx
-        HydraConfig.instance().set_config(sweep)  # the folder name reads ${hydra:...}
-        out = Path(str(sweep.hydra.sweep.dir)) / str(sweep.hydra.sweep.subdir)
-        choices = {g: sweep.hydra.runtime.choices.get(g) for g in CHOICE_GROUPS}
-        task = copy.deepcopy(sweep)
-        with read_write(task), open_dict(task):
-            del task["hydra"]
-        return task, Path(os.path.abspath(out)), choices
+
+class SubmititFanout:
+    """For hydra-submitit's launchers (SLURM, or submitit's local executor): one submitit task
+    per fan-out group instead of one per job. The task composes its members, registers the
+    group and runs the members' Hydra jobs in order in one process, so the first runs the whole
+    group (benchmark.run.run_group) and the others return its results. Requeue after a time-out
+    or preemption re-runs the task: finished members are skipped, the others resume from their
+    checkpoints. Combine with a submitit launcher class (hydra_plugins/benchmark_fanout)."""
+
+    hydra_context: Any
+    config: Any
+    task_function: Any
+
+    def __init__(self, max_saes: int | None = None, split_sites: bool = False,
+                 **params: Any) -> None:  # fmt: skip
+        super().__init__(**params)  # type: ignore[call-arg]
+        self.max_saes, self.split_sites = max_saes, split_sites
+        self.fanout_jobs: dict[tuple[str, ...], list[tuple[int, list[str]]]] = {}
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+        jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        composed = [compose_job(self.hydra_context, self.config, o, i) for i, o in jobs]
+        by_out = {str(out): job for job, (_, out, _) in zip(jobs, composed, strict=True)}
+        groups = plan_groups(composed, max_saes=self.max_saes, split_sites=self.split_sites)
+        self.fanout_jobs = {}
+        firsts = []
+        for g in groups:
+            members = [by_out[str(m.out)] for m in g.members]
+            self.fanout_jobs[tuple(members[0][1])] = members
+            firsts.append(members[0][1])
+        log.info("fan-out: %d jobs in %d submitit tasks", len(jobs), len(firsts))
+        per_task = super().launch(firsts, initial_job_idx)  # type: ignore[misc]
+        return [r for returns in per_task for r in returns]
+
+    def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: dict[Any, Any]) -> list[JobReturn]:  # fmt: skip
+        import submitit
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import run_job, setup_globals
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        members = self.fanout_jobs[tuple(sweep_overrides)]
+        jobs = [compose_job(self.hydra_context, self.config, o, i) for i, o in members]
+        register(plan_groups(jobs, max_saes=None, split_sites=False) if len(jobs) > 1 else [])
+        returns = []
+        for idx, overrides in members:
+            sweep = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            with open_dict(sweep):
+                sweep.hydra.job.id = submitit.JobEnvironment().job_id
+                sweep.hydra.job.num = idx
+            returns.append(run_job(hydra_context=self.hydra_context,
+                                   task_function=self.task_function, config=sweep,
+                                   job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir"))  # fmt: skip
+        return returns

@@ -205,3 +205,39 @@ def test_jobs_that_share_an_activation_source_share_a_group():
     assert identity.group_key(compose_config(["cache_dir=/a"])) != identity.group_key(
         compose_config(["cache_dir=/b"])
     )
+
+
+def test_groups_can_be_kept_to_one_site_and_capped_in_size():
+    jobs = _jobs(*[(f"site={s}", f"sae={a}") for s in ("residual", "mlp", "attention")
+                   for a in ("topk", "gated")])  # fmt: skip
+    by_site = plan_groups(jobs, split_sites=True)
+    assert [[m.cfg.site.name for m in g.members] for g in by_site] == [
+        ["residual"] * 2,
+        ["mlp"] * 2,
+        ["attention"] * 2,
+    ]
+    capped = plan_groups(jobs, max_saes=4)
+    assert [len(g.members) for g in capped] == [4, 2]
+    assert len({g.key for g in capped}) == 2  # each chunk is its own group
+    assert [m.out for g in capped for m in g.members] == [out for _, out, _ in jobs]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_submitit_fanout_launcher_runs_a_group_as_one_task(tmp_path):
+    """slurm_local_fanout: the SLURM fan-out code path through submitit's local executor."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    cmd = [sys.executable, "-m", "benchmark.run", "-m", "+experiment=smoke", "progress=false",
+           f"results_dir={tmp_path}", f"cache_dir={ROOT / '.cache'}",
+           "hydra/launcher=slurm_local_fanout"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "4 jobs in 1 submitit tasks" in run.stdout + run.stderr
+    records = [json.loads(p.read_text()) for p in (tmp_path / "smoke").glob("*/result.json")]
+    assert len(records) == 4 and all(r["status"] == "complete" for r in records)
+    assert len({r["trained_in_group"] for r in records}) == 1
