@@ -69,7 +69,10 @@ def test_sweeps_expand_as_the_basic_sweeper(overrides, multirun, n_jobs, n_group
     [
         ([], 1),  # fanout: one group of 6
         (["hydra.launcher.max_saes=2"], 3),
-        (["hydra/launcher=slurm_fanout"], 2),  # split_sites: one group of 3 per site
+        (
+            ["hydra/launcher=slurm_fanout", "hydra.launcher.max_saes=null"],
+            2,
+        ),  # split_sites: one group of 3 per site
         (["hydra/launcher=slurm_fanout", "hydra.launcher.max_saes=2"], 4),  # 2 + 1 per site
     ],
 )
