@@ -192,12 +192,8 @@ def train_stage(
 
             return batches
 
-        # A streamed store saves its position for exact resume at the trainers' checkpoints:
-        # no read-ahead there (one batch at a time); a cache is read a chunk at a time.
-        streamed = any(isinstance(st, activations.StreamingStore) for st in stores.values())
         results = train_group(trainers, streams, {n: factory(n, st) for n, st in stores.items()},
-                              progress=lead.cfg.get("progress", True),
-                              chunk_mb=0 if streamed else 64)  # fmt: skip
+                              progress=lead.cfg.get("progress", True))  # fmt: skip
         for i, result, logger in zip(todo, results, loggers, strict=True):
             m, plan, store = members[i], plans[i], stores[members[i].cfg.site.name]
             write_history(m.out / "history.csv", result.history)

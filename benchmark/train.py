@@ -528,21 +528,14 @@ def train_group(
     *,
     progress: bool = True,
     stop_after: int | None = None,
-    chunk_mb: float = 64.0,
 ) -> list[TrainResult]:
     """Fan-out: train several SAEs in lockstep. `streams[i]` names the batch stream trainer i
     reads (e.g. its site); `batches[name]` is that stream's factory, opened once at the
     earliest step any of its trainers needs. Each batch is drawn once per stream and fed to
     every trainer of that stream that is at that step (a trainer resumed further ahead waits
     until the stream reaches it). All trainers must share batch_size and n_tokens (the group
-    key, benchmark.identity.group_key). stop_after: as in `train_sae`, for every trainer.
-
-    The batches are drawn a chunk at a time (as many as fit in `chunk_mb`, at least one), and
-    each trainer takes its steps of the chunk back to back: the same batches in the same order
-    per SAE, but one SAE's weights stay in the CPU caches for several steps instead of being
-    evicted by every other SAE's step (measured on 2 CPU cores, a group of 9 at 576 -> 2,304:
-    one step per SAE in turn made TopK's steps ~2x slower than alone). The batch loading time
-    is shared out evenly among the trainers of a stream."""
+    key, benchmark.identity.group_key). The batch loading time is shared out evenly among
+    the trainers of a stream. stop_after: as in `train_sae`, for every trainer."""
     if len({(t.cfg.batch_size, t.cfg.total_steps) for t in trainers}) > 1:
         raise ValueError("train_group: the trainers differ in batch_size or n_tokens")
     total = trainers[0].cfg.total_steps if trainers else 0
@@ -553,26 +546,19 @@ def train_group(
     its = {name: batches[name](first[name]) for name in members}
     start = min(first.values(), default=total)
     end = total if stop_after is None else min(total, stop_after)
-    batch_bytes = max(t.cfg.batch_size * t.sae.d_in * 4 for t in trainers) if trainers else 1
-    per_chunk = max(1, int(chunk_mb * 2**20 // batch_bytes))
     bar = _progress_bar(end, start, progress)
-    step = start
-    while step < end:
-        n = min(per_chunk, end - step)
+    for step in range(start, end):
         for name, ts in members.items():
-            lo = max(step, first[name])  # this stream's first step in the chunk
-            if lo >= step + n:
+            if step < first[name]:
                 continue
             t0 = time.perf_counter()
-            chunk = [next(its[name]) for _ in range(step + n - lo)]
+            x = next(its[name])
             share = (time.perf_counter() - t0) / len(ts)
             for t in ts:
                 t.seconds += share
-                for i, x in enumerate(chunk):
-                    if t.state.step == lo + i:
-                        t.step(x)
-        step += n
-        bar.update(n)
+                if t.state.step == step:
+                    t.step(x)
+        bar.update(1)
     bar.close()
     if stop_after is not None:
         for t in trainers:
