@@ -181,7 +181,9 @@ def test_model_work_by_hand():
 
 
 def test_activation_volume_by_hand(tmp_path):
-    p = plan.build_plan(["+experiment=quickstart", f"cache_dir={tmp_path}"], FIXED)
+    p = plan.build_plan(
+        ["+experiment=quickstart", f"cache_dir={tmp_path}", f"results_dir={tmp_path}"], FIXED
+    )
     (a,) = p["activations"]
     assert (a["layer"], a["site"], a["d_in"]) == (6, "residual", 576)
     assert a["train_bytes"] == 100_000 * 576 * 4  # data.n_train_tokens x d_model x fp32
