@@ -89,11 +89,8 @@ from baselines.sparse import (
     SparseCode,
     SparseMode,
     check_mode,
-    dense_code,
     mask_code,
-    sampled_pre,
-    sparse_decode,
-    sparse_output,
+    sparse_forward,
     use_sparse,
 )
 
@@ -281,15 +278,9 @@ class JumpReLUSAE(SparseAutoencoder):
         return mask_code(near)
 
     def forward(self, x: Tensor) -> SAEOutput:
-        pre = self.pre_activations(x)  # (B, d_sae), dense, still differentiable for any caller
-        code = self.active_code(pre.detach())
-        if code is None:
-            f = self.activate(pre)
-            return SAEOutput(self.decode(f), f, pre)
-        z = sampled_pre(pre, code, x - self.b_dec, self.W_enc, self.b_enc, self.b_dec)  # (nnz,)
-        values = jumprelu(z, self.threshold[code.latents], self.bandwidth)
-        x_hat = sparse_decode(code, values, self.W_dec) + self.b_dec
-        return sparse_output(x_hat, dense_code(code, values, pre), pre, code, values)
+        return sparse_forward(
+            self, x, lambda z, code: jumprelu(z, self.threshold[code.latents], self.bandwidth)
+        )
 
     def loss_terms(
         self, x: Tensor, out: SAEOutput, coefficient: float, dead_mask: Tensor | None

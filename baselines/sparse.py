@@ -181,3 +181,19 @@ def sparse_output(x_hat: Tensor, f: Tensor, pre: Tensor, code: SparseCode, value
     out = SparseSAEOutput(x_hat, f, pre)
     out.code, out.values = code, values
     return out
+
+
+def sparse_forward(sae, x: Tensor, values_of) -> SAEOutput:
+    """The forward pass of an SAE with a sparse path (TopK, BatchTopK, JumpReLU): the dense
+    pre-activations, then `sae.active_code(pre)` picks the path. Dense: `sae.activate(pre)`.
+    Sparse: `values_of(z, code)` turns the sampled pre-activations z (nnz,) of the code's pairs
+    into latent values, and the decoder reads only those rows."""
+    pre = sae.pre_activations(x)  # (B, d_sae), dense, still differentiable for any caller
+    code = sae.active_code(pre.detach())
+    if code is None:
+        f = sae.activate(pre)
+        return SAEOutput(sae.decode(f), f, pre)
+    z = sampled_pre(pre, code, x - sae.b_dec, sae.W_enc, sae.b_enc, sae.b_dec)  # (nnz,)
+    values = values_of(z, code)
+    x_hat = sparse_decode(code, values, sae.W_dec) + sae.b_dec
+    return sparse_output(x_hat, dense_code(code, values, pre), pre, code, values)

@@ -38,10 +38,9 @@ from baselines.sparse import (
     SparseCode,
     SparseMode,
     check_mode,
-    dense_code,
     sampled_pre,
     sparse_decode,
-    sparse_output,
+    sparse_forward,
     topk_code,
     use_sparse,
 )
@@ -125,14 +124,7 @@ class TopKSAE(SparseAutoencoder):
         return topk_code(pre.topk(self.k, dim=-1).indices, self.d_sae)
 
     def forward(self, x: Tensor) -> SAEOutput:
-        pre = self.pre_activations(x)  # (B, d_sae), dense, still differentiable for any caller
-        code = self.active_code(pre.detach())
-        if code is None:
-            f = self.activate(pre)
-            return SAEOutput(self.decode(f), f, pre)
-        values = torch.relu(self._sampled_pre(pre, code, x))  # (nnz,)
-        x_hat = sparse_decode(code, values, self.W_dec) + self.b_dec
-        return sparse_output(x_hat, dense_code(code, values, pre), pre, code, values)
+        return sparse_forward(self, x, lambda z, code: torch.relu(z))
 
     def _sampled_pre(self, pre: Tensor, code: SparseCode, x: Tensor) -> Tensor:
         return sampled_pre(pre, code, x - self.b_dec, self.W_enc, self.b_enc, self.b_dec)

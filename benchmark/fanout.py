@@ -33,10 +33,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
@@ -46,6 +46,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from benchmark import identity
 
 log = logging.getLogger("benchmark.fanout")
+T = TypeVar("T")
 CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
 
 
@@ -68,32 +69,44 @@ def group_for(out: str | Path) -> Group | None:
     return _GROUPS.get(os.path.abspath(out))
 
 
+def cut_groups(
+    items: Sequence[T], key_of: Callable[[T], str], site_of: Callable[[T], str], *,
+    max_saes: int | None = None, split_sites: bool = False,
+) -> list[tuple[str, list[T]]]:  # fmt: skip
+    """(group key, items) in launch order: items with equal `key_of` (the group key) form a
+    group; split_sites: one group per site too (e.g. when a cluster's GPU holds one site's
+    SAEs); max_saes: larger groups are cut into consecutive chunks of at most max_saes. A
+    split or cut group's key is a hash of the group key and the site or chunk start.
+    Used by the launchers and by benchmark.plan, so the plan groups as the run does."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        key = key_of(item)
+        if split_sites:
+            key = identity.digest([key, site_of(item)])
+        groups.setdefault(key, []).append(item)
+    if not max_saes:
+        return list(groups.items())
+    return [
+        (key if len(group) <= max_saes else identity.digest([key, i]), group[i : i + max_saes])
+        for key, group in groups.items()
+        for i in range(0, len(group), max_saes)
+    ]
+
+
 def plan_groups(
     jobs: Sequence[tuple[DictConfig, Path, dict[str, Any]]],
     *,
     max_saes: int | None = None,
     split_sites: bool = False,
 ) -> list[Group]:
-    """Group (task config, folder, choices) jobs by group key, keeping launch order.
-    split_sites: one group per site too (e.g. when a cluster's GPU holds one site's SAEs);
-    max_saes: groups larger than this are cut into consecutive chunks of at most max_saes."""
+    """Group (task config, folder, choices) jobs by group key, keeping launch order
+    (`cut_groups`)."""
     from benchmark.run import Member
 
-    groups: dict[str, Group] = {}
-    for cfg, out, choices in jobs:
-        key = identity.group_key(cfg)
-        if split_sites:
-            key = identity.digest([key, str(cfg.site.name)])
-        groups.setdefault(key, Group(key)).members.append(Member(cfg, out, choices))
-    if not max_saes:
-        return list(groups.values())
-    chunks = []
-    for g in groups.values():
-        for i in range(0, len(g.members), max_saes):
-            part = g.members[i : i + max_saes]
-            key = g.key if len(part) == len(g.members) else identity.digest([g.key, i])
-            chunks.append(Group(key, part))
-    return chunks
+    keyed = [(identity.group_key(cfg), cfg, out, choices) for cfg, out, choices in jobs]
+    parts = cut_groups(keyed, lambda j: j[0], lambda j: str(j[1].site.name),
+                       max_saes=max_saes, split_sites=split_sites)  # fmt: skip
+    return [Group(key, [Member(cfg, out, ch) for _, cfg, out, ch in part]) for key, part in parts]
 
 
 def register(groups: Sequence[Group]) -> None:

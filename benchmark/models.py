@@ -108,7 +108,7 @@ def hook_name(
     """`blocks.{layer}.{site.hook}`, e.g. "blocks.6.hook_resid_post".
 
     The TransformerLens name is the one recorded; the bridge resolves it per family, e.g. on
-    Gemma 2 `hook_mlp_out` is the post-MLP norm's output (`ln2_post.hook_out`), as PAPER.md
+    Gemma 2 `hook_mlp_out` is the post-MLP norm's output (`ln2_post.hook_out`), as docs/method.md
     wants (checked against Hugging Face models in tests/test_gemma_hooks.py).
 
     Raises ConfigError for a layer outside [0, n_layers), a hook the harvester cannot read, or

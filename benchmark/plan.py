@@ -136,6 +136,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from benchmark import cli_errors, identity
 from benchmark.compose import CONF_DIR
 from benchmark.errors import ConfigError
+from benchmark.fanout import cut_groups
 from benchmark.validate import check_run, dictionary_size, evaluate_only, site_width
 
 # ---- stated assumptions (calibrated where the docstring's validation says) ----
@@ -437,17 +438,13 @@ def groups_of(
     jobs: Sequence[Job], grouped: bool = True, max_saes: int | None = None,
     split_sites: bool = False,
 ) -> list[list[Job]]:  # fmt: skip
-    """Fan-out groups in launch order, as benchmark.fanout.plan_groups makes them: by group
-    key (and site with split_sites), cut into consecutive chunks of at most max_saes
-    (grouped=False: every job alone)."""
+    """Fan-out groups in launch order, cut as the launchers cut them
+    (`benchmark.fanout.cut_groups`; grouped=False: every job alone)."""
     if not grouped:
         return [[j] for j in jobs]
-    out: dict[tuple[str, str], list[Job]] = {}
-    for j in jobs:
-        out.setdefault((j.group, j.site if split_sites else ""), []).append(j)
-    if not max_saes:
-        return list(out.values())
-    return [g[i : i + max_saes] for g in out.values() for i in range(0, len(g), max_saes)]
+    parts = cut_groups(jobs, lambda j: j.group, lambda j: j.site, max_saes=max_saes,
+                       split_sites=split_sites)  # fmt: skip
+    return [part for _, part in parts]
 
 
 # ---- activations ----

@@ -236,7 +236,8 @@ def run_group(members: list[Member], group: str | None = None) -> list[ResultRec
     clock.lap("setup")
     sites = list({m.cfg.site.name: m.cfg.site for m in members}.values())
     n_held_out = int(lead.cfg.eval.n_activation_tokens)
-    activations.get_activation_stores(model, lead.cfg, "eval", sites=sites, n_tokens=n_held_out)
+    held_out = activations.get_activation_stores(model, lead.cfg, "eval", sites=sites,
+                                                 n_tokens=n_held_out)  # fmt: skip
     clock.lap("harvest")  # the held-out set; the training split's harvest is timed below
     trained = train_stage(members, plans, model, group)
     clock.split("harvest", "train", [t.result.seconds for t in trained if t.result is not None])
@@ -244,7 +245,8 @@ def run_group(members: list[Member], group: str | None = None) -> list[ResultRec
     stage("evaluate", lead.out)
     act = []
     for m, plan in zip(members, plans, strict=True):
-        eval_store, act_metrics, freq = activation_stage(m.cfg, plan.sae, model, device)
+        eval_store = held_out[m.cfg.site.name]
+        act_metrics, freq = activation_stage(m.cfg, plan.sae, eval_store, device)
         np.save(m.out / "firing_frequency.npy", freq.numpy())
         act.append((eval_store, act_metrics))
     lm = evaluate_stage(lead.cfg, [(p.sae, h) for p, h in zip(plans, hooks, strict=True)],
@@ -361,18 +363,22 @@ def _after_result(out: Path, logger: Any, metrics: dict[str, Any]) -> None:
         log.warning("[%s] after the result was written: %s: %s", out.name, type(e).__name__, e)
 
 
-def activation_stage(cfg: DictConfig, sae, model: Any, device: torch.device):
-    """L0, FVU and firing frequencies on eval.n_activation_tokens held-out activations (the
-    eval split's activation cache, harvested once per site and shared by every SAE)."""
+def held_out_store(cfg: DictConfig, model: Any):
+    """The eval split's activation cache of cfg.site: eval.n_activation_tokens held-out
+    activations, harvested once per site and shared by every SAE."""
     n_tokens = int(cfg.eval.n_activation_tokens)
-    store = activations.get_activation_store(model, cfg, split="eval", n_tokens=n_tokens)
+    return activations.get_activation_store(model, cfg, split="eval", n_tokens=n_tokens)
+
+
+def activation_stage(cfg: DictConfig, sae, store: Any, device: torch.device):
+    """L0, FVU and firing frequencies of `sae` on the held-out activation `store`."""
     batches = store.batches(
         int(cfg.eval.activation_batch_size), seed=0, epochs=1, normalise=False, shuffle=False
     )
     metrics, freq = activation_metrics(
         sae.eval(), batches, device, total=store.n_tokens, progress=cfg.get("progress", True)
     )
-    return store, metrics, freq
+    return metrics, freq
 
 
 def evaluate_stage(cfg: DictConfig, members, lm, device: torch.device):
@@ -398,7 +404,7 @@ def reevaluate(run_dir: str | Path, device: str = "auto") -> dict[str, float | N
     sae = load_sae(run_dir, dev)
     hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
     lm = models.load_model(cfg.model, dev, cfg.cache_dir)
-    _, act_metrics, _ = activation_stage(cfg, sae, lm, dev)
+    act_metrics, _ = activation_stage(cfg, sae, held_out_store(cfg, lm), dev)
     return {**act_metrics, **evaluate_stage(cfg, [(sae, hook)], lm, dev)[0]}
 
 

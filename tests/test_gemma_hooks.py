@@ -1,4 +1,4 @@
-"""The site hooks read what docs/PAPER.md says they read (issue 13: "Gemma 2 checked offline").
+"""The site hooks read what docs/method.md says they read (issue 13: "Gemma 2 checked offline").
 
 For every conf/site entry, the hook that `benchmark.models.hook_name` returns is captured the
 way the harvester captures it (`run_with_hooks`) and compared with the Hugging Face model the
@@ -36,7 +36,7 @@ from tests.helpers import CONF
 
 SITES = {p.stem: OmegaConf.load(p) for p in sorted((CONF / "site").glob("*.yaml"))}
 TINY = {"n_layers": 3, "d_model": 64, "n_heads": 4, "d_head": 16}
-# What hook_name must return inside blocks.L for each site (PAPER.md's TransformerLens names).
+# What hook_name must return inside blocks.L for each site (docs/method.md's TransformerLens names).
 SITE_HOOKS = {"residual": "hook_resid_post", "mlp": "hook_mlp_out", "attention": "attn.hook_z"}
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # fp32, same weights, same ops
 
@@ -206,7 +206,7 @@ def check_site_hooks(bridge, hf_model, model_cfg, layout, tokens, layers, expect
 
 def check_splices(bridge, hf_model, model_cfg, layout, tokens, layer, tol=TOL):
     """`act + delta` spliced at each site hook gives the logits of the same edit made on the HF
-    model at the tensor PAPER.md names for that site."""
+    model at the tensor docs/method.md names for that site."""
     block = hf_model.model.layers[layer]
     with torch.no_grad():
         clean = hf_model(tokens).logits
