@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, open_dict, read_write
 
 from benchmark import identity
@@ -120,13 +120,27 @@ def register(groups: Sequence[Group]) -> None:
                 _GROUPS[os.path.abspath(m.out)] = g
 
 
+@dataclass
+class Job:
+    """One job of a multirun, composed: its Hydra config (run by run_job), its task config
+    (what the task function sees), its folder and its choices."""
+
+    sweep: DictConfig
+    task: DictConfig
+    out: Path
+    choices: dict[str, Any]
+    overrides: list[str]
+
+
 def compose_job(
-    hydra_context: Any, config: DictConfig, overrides: Sequence[str], idx: int
-) -> tuple[DictConfig, Path, dict[str, Any]]:
-    """A job's task config, folder and choices, composed as Hydra's run_job will."""
+    hydra_context: Any, config: DictConfig, overrides: Sequence[str], idx: int,
+    job_id: Any = None,
+) -> Job:  # fmt: skip
+    """A job composed once, as Hydra's launchers do: the same config is later run by run_job.
+    hydra.job.id is `job_id` (a submitit task's id), else the job's number."""
     sweep = hydra_context.config_loader.load_sweep_config(config, list(overrides))
     with open_dict(sweep):
-        sweep.hydra.job.id = idx
+        sweep.hydra.job.id = idx if job_id is None else job_id
         sweep.hydra.job.num = idx
     HydraConfig.instance().set_config(sweep)  # the folder name reads ${hydra:...}
     out = Path(str(sweep.hydra.sweep.dir)) / str(sweep.hydra.sweep.subdir)
@@ -134,7 +148,22 @@ def compose_job(
     task = copy.deepcopy(sweep)
     with read_write(task), open_dict(task):
         del task["hydra"]
-    return task, Path(os.path.abspath(out)), choices
+    return Job(sweep, task, Path(os.path.abspath(out)), choices, list(overrides))
+
+
+def run_grouped(hydra_context: Any, task_function: Any, jobs: Sequence[Job], *,
+                max_saes: int | None = None, split_sites: bool = False) -> list[JobReturn]:  # fmt: skip
+    """Register the jobs' fan-out groups, then run each job through Hydra's run_job in launch
+    order (the first job of a group runs the whole group, benchmark.run)."""
+    register(plan_groups([(j.task, j.out, j.choices) for j in jobs], max_saes=max_saes,
+                         split_sites=split_sites))  # fmt: skip
+    returns = []
+    for job in jobs:
+        log.info("\t#%s : %s", job.sweep.hydra.job.num, " ".join(filter_overrides(job.overrides)))
+        returns.append(run_job(hydra_context=hydra_context, task_function=task_function,
+                               config=job.sweep, job_dir_key="hydra.sweep.dir",
+                               job_subdir_key="hydra.sweep.subdir"))  # fmt: skip
+    return returns
 
 
 class FanoutLauncher(BasicLauncher):
@@ -150,12 +179,17 @@ class FanoutLauncher(BasicLauncher):
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         _GROUPS.clear()
-        if self.group:
-            assert self.hydra_context is not None and self.config is not None
-            jobs = [compose_job(self.hydra_context, self.config, o, initial_job_idx + i)
-                    for i, o in enumerate(job_overrides)]  # fmt: skip
-            register(plan_groups(jobs, max_saes=self.max_saes, split_sites=self.split_sites))
-        return super().launch(job_overrides, initial_job_idx)
+        if not self.group:
+            return super().launch(job_overrides, initial_job_idx)
+        assert self.hydra_context is not None and self.config is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log.info("Launching %d jobs locally", len(job_overrides))
+        jobs = [compose_job(self.hydra_context, self.config, o, initial_job_idx + i)
+                for i, o in enumerate(job_overrides)]  # fmt: skip
+        return run_grouped(self.hydra_context, self.task_function, jobs, max_saes=self.max_saes,
+                           split_sites=self.split_sites)  # fmt: skip
 
 
 class SubmititFanout:
@@ -177,10 +211,11 @@ class SubmititFanout:
         self.fanout_jobs: dict[tuple[str, ...], list[tuple[int, list[str]]]] = {}
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
-        jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        composed = [compose_job(self.hydra_context, self.config, o, i) for i, o in jobs]
-        by_out = {str(out): job for job, (_, out, _) in zip(jobs, composed, strict=True)}
-        groups = plan_groups(composed, max_saes=self.max_saes, split_sites=self.split_sites)
+        jobs = [compose_job(self.hydra_context, self.config, o, initial_job_idx + i)
+                for i, o in enumerate(job_overrides)]  # fmt: skip
+        by_out = {str(j.out): (int(j.sweep.hydra.job.num), j.overrides) for j in jobs}
+        groups = plan_groups([(j.task, j.out, j.choices) for j in jobs], max_saes=self.max_saes,
+                             split_sites=self.split_sites)  # fmt: skip
         self.fanout_jobs = {}
         firsts = []
         for g in groups:
@@ -193,22 +228,13 @@ class SubmititFanout:
 
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
                  singleton_state: dict[Any, Any]) -> list[JobReturn]:  # fmt: skip
+        """One submitit task: the group whose first job has `sweep_overrides`."""
         import submitit
         from hydra.core.singleton import Singleton
-        from hydra.core.utils import run_job, setup_globals
 
         Singleton.set_state(singleton_state)
         setup_globals()
-        members = self.fanout_jobs[tuple(sweep_overrides)]
-        jobs = [compose_job(self.hydra_context, self.config, o, i) for i, o in members]
-        register(plan_groups(jobs, max_saes=None, split_sites=False) if len(jobs) > 1 else [])
-        returns = []
-        for idx, overrides in members:
-            sweep = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            with open_dict(sweep):
-                sweep.hydra.job.id = submitit.JobEnvironment().job_id
-                sweep.hydra.job.num = idx
-            returns.append(run_job(hydra_context=self.hydra_context,
-                                   task_function=self.task_function, config=sweep,
-                                   job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir"))  # fmt: skip
-        return returns
+        task_id = submitit.JobEnvironment().job_id
+        jobs = [compose_job(self.hydra_context, self.config, o, i, task_id)
+                for i, o in self.fanout_jobs[tuple(sweep_overrides)]]  # fmt: skip
+        return run_grouped(self.hydra_context, self.task_function, jobs)
