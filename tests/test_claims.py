@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from benchmark.report import judge_claims, load_results
-from benchmark.report.claims import CLAIMS, SUMMARY_COLUMNS, Judged, cells_markdown
+from benchmark.report.claims import CLAIMS, SUMMARY_COLUMNS, Judged, cells_markdown, claim_points
 from tests.test_report import REPO, curve, write_run
 
 FIG_2A, FIG_2B, FIG_5_JUMPRELU, FIG_5_TOPK = (claim.text for claim in CLAIMS)
@@ -202,5 +202,44 @@ def test_cli_writes_the_claims(tmp_path: Path) -> None:
     assert "| JumpReLU's delta_lm_loss <= Gated's" in markdown and "t(0.975, n - 1)" in markdown
     assert "nan" not in markdown.lower()
     assert len(pd.read_csv(out / "claims_cells.csv")) == 3 + 3  # Fig. 2 (a), Fig. 5 JumpReLU
-    assert "| residual L6 L0 40 |" in (out / "claims_cells.md").read_text()
+    cells_md = (out / "claims_cells.md").read_text()  # judged inside 20..80 (claim_points)
+    assert all(f"| residual L6 L0 {p} " in cells_md for p in ("28.3", "40", "56.6"))
+    assert "L0 20 " not in cells_md and "L0 80 " not in cells_md
     assert r"$\le$ Gated's" in (out / "claims.tex").read_text()
+
+
+def test_claim_points_are_the_inside_of_the_swept_range() -> None:
+    assert claim_points([80, 20, 40]) == [28.3, 40.0, 56.6]
+    assert claim_points([20, 40]) == [28.3]
+    assert claim_points([40]) == [40.0]  # no inside: the target itself
+
+
+def test_curves_landing_beside_the_end_targets_are_judged_inside(tmp_path: Path) -> None:
+    """Calibrated runs land a few % beside their targets (here 20.6 and 78.0): at L0 20 and 80
+    half the curves only have an end point (never counted), inside every seed interpolates."""
+    for seed, (j, g) in enumerate([(0.30, 0.40), (0.32, 0.45)]):
+        for sae, at_20, at_80 in (("jumprelu", j, j / 2), ("gated", g, g / 2)):
+            write_run(tmp_path, sae=sae, seed=seed, l0=20.6, target_l0=20, delta_lm_loss=at_20)
+            write_run(tmp_path, sae=sae, seed=seed, l0=78.0, target_l0=80, delta_lm_loss=at_80)
+    runs = load_results(tmp_path)[0]
+    at_targets = judge_claims(runs, [20, 80], l0_tolerance=0.05)
+    assert summary(at_targets, FIG_2A)["verdict"] == "inconclusive"
+    assert cell(at_targets, FIG_2A, 20)["n_seeds"] == 0  # both seeds from end points
+    inside = judge_claims(runs, claim_points([20, 80]), l0_tolerance=0.05)
+    (mid,) = claim_points([20, 80])
+    got = cell(inside, FIG_2A, mid)
+    # by hand: log-linear between (20.6, v20) and (78.0, v20 / 2) at L0 40
+    w = math.log(mid / 20.6) / math.log(78.0 / 20.6)
+    d = [(j - g) * (1 - w / 2) for j, g in [(0.30, 0.40), (0.32, 0.45)]]
+    assert got["n_seeds"] == 2 and got["diff"] == pytest.approx(sum(d) / 2, rel=1e-9)
+    assert summary(inside, FIG_2A)[["verdict", "cells"]].tolist() == ["holds", "1/1"]
+
+
+@pytest.mark.parametrize("bad", ["", "20,x", "0,40", "nan"])
+def test_cli_rejects_bad_claims_l0_in_one_line(tmp_path: Path, bad: str) -> None:
+    command = [sys.executable, "-m", "benchmark.report", str(tmp_path), "--claims-l0", bad]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: --claims-l0={bad!r}: expected comma-separated positive L0 values, e.g. 20,40,80"
+    ]

@@ -1,10 +1,11 @@
 """The command line: ``python -m benchmark.report RESULTS_DIR [--out DIR] [--latex]
-[--targets 10,20,40] [--l0-tolerance X]``. Prints table 1, the paper's claims judged, the
+[--targets 10,20,40] [--l0-tolerance X] [--claims-l0 28,40,57]``. Prints table 1, the paper's claims judged, the
 problems and the files written."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,20 +30,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="relative L0 distance within which a curve's end point fills a target outside "
         "its measured range (marked † / from_endpoint; default 0: never)",
     )
+    parser.add_argument(
+        "--claims-l0",
+        help="comma-separated L0 values at which the claims are judged (default: the targets "
+        "inside the swept range and the geometric midpoints of consecutive targets)",
+    )
     return parser.parse_args(argv)
+
+
+def l0_list(option: str, text: str | None) -> list[float] | None:
+    """A comma-separated list of positive L0 values, or a one-line error (exit 2)."""
+    if text is None:
+        return None
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        print(f"error: {option}={text!r}: expected comma-separated positive L0 values, e.g. "
+              "20,40,80", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    targets = l0_list("--targets", args.targets)
+    claims_l0 = l0_list("--claims-l0", args.claims_l0)
     df, problems = load_results(args.results_dir)
     if df.empty and problems.empty:
         print(
             f"error: no result.json or Hydra run folder under {args.results_dir}", file=sys.stderr
         )
         return 1
-    targets = [float(t) for t in args.targets.split(",")] if args.targets else None
     out = args.out or args.results_dir / "report"
-    table, written, notes = write_report(df, problems, out, targets, args.latex, args.l0_tolerance)
+    table, written, notes = write_report(
+        df, problems, out, targets, args.latex, args.l0_tolerance, claims_l0
+    )
     if not table.empty:
         print(f"# Matched-L0 table ({len(df)} complete runs)\n")
         print(to_markdown(table, TABLE1_TITLE))

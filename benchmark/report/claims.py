@@ -25,6 +25,7 @@ Rules, stated once (the matched-L0 values follow ``interpolate`` and ``stats``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -101,6 +102,21 @@ class Judged(NamedTuple):
 
 def name(sae: str) -> str:
     return NAMES.get(sae, sae)
+
+
+def claim_points(targets: Sequence[float]) -> list[float]:
+    """Where the claims are judged, given table 1's target L0s: the targets strictly inside the
+    swept range and the geometric midpoints of consecutive targets (rounded to 0.1), e.g.
+    20, 40, 80 -> 28.3, 40, 56.6. A curve calibrated to a target lands a few % above or below
+    it, so at the end targets (20, 80) about half the curves have no measured point beyond
+    the target and their value there is an end point (never counted); inside the range every
+    curve has measured points on both sides and the values are true interpolations. With
+    fewer than two targets there is no inside: the targets themselves are returned."""
+    ordered = sorted({float(t) for t in targets})
+    if len(ordered) < 2:
+        return ordered
+    middles = [round(math.sqrt(lo * hi), 1) for lo, hi in zip(ordered, ordered[1:])]
+    return sorted({*ordered[1:-1], *middles})
 
 
 def judge_claims(df: pd.DataFrame, targets: Sequence[float], l0_tolerance: float = 0.0) -> Judged:
@@ -287,8 +303,12 @@ def method_lines(judged: Judged) -> list[str]:
     """How the verdicts were reached, printed under the claims table."""
     targets = ", ".join(f"{t:g}" for t in judged.targets)
     return [
-        f"Judged at target L0 {targets}: table 1's values, linear in log L0 between each "
-        f"seed's measured points (end-point tolerance {judged.l0_tolerance:g}).",
+        f"Judged at L0 {targets}: each seed's values linear in log L0 between its measured "
+        f"points, as table 1 computes them (end-point tolerance {judged.l0_tolerance:g}). "
+        "The report judges at the targets inside the swept range and the geometric midpoints "
+        "of consecutive targets (`claim_points`; `--claims-l0` sets other points): a curve "
+        "calibrated to an end target lands a few % to either side of it, so its value there "
+        "is often an end point, which is never counted.",
         "",
         "Intervals: 95% Student-t over seeds of d = A - B, seed s of A paired with seed s of B "
         "(the seed fixes the batch stream): mean(d) ± t(0.975, n - 1) sd(d) / sqrt(n). Dead "

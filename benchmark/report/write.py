@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from benchmark.report.claims import (
     Judged,
     cells_markdown,
+    claim_points,
     claims_latex,
     claims_markdown,
     judge_claims,
@@ -37,8 +38,10 @@ def write_report(
     targets: Sequence[float] | None = None,
     latex: bool = False,
     l0_tolerance: float = 0.0,
+    claims_l0: Sequence[float] | None = None,
 ) -> tuple[pd.DataFrame, list[Path], list[str]]:
-    """Write every table and figure under ``out``; (table 1, paths written, notes)."""
+    """Write every table and figure under ``out``; (table 1, paths written, notes). The claims
+    are judged at ``claims_l0`` (default: ``claim_points(targets)``)."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "problems.csv"]
     problems.to_csv(written[0], index=False)
@@ -48,7 +51,8 @@ def write_report(
     table = matched_l0_table(df, targets, l0_tolerance=l0_tolerance)
     written += write_table(table, out / "table1_matched_l0", latex, TABLE1_TITLE)
     written += write_table(runs_table(df), out / "table2_runs", False, TABLE2_TITLE)
-    written += write_claims(judge_claims(df, targets, l0_tolerance), out, latex)
+    points = claim_points(targets) if claims_l0 is None else sorted(claims_l0)
+    written += write_claims(judge_claims(df, points, l0_tolerance), out, latex)
     notes = []
     for model, runs in df.groupby("model", sort=True):
         suffix = "" if df["model"].nunique() == 1 else f"_{model}"

@@ -1,0 +1,59 @@
+"""Per-architecture training recipes (conf/recipe/<train>_<sae>.yaml, merged over `train` and
+`sae` by conf/config.yaml's defaults when both choices match) and their agreement with the tuning protocol's committed choice
+(results/reference/tuning_cpu/tuning.csv, written by scripts/tune_cpu_recipe.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from benchmark.train import TrainConfig
+from tests.helpers import CONF, ROOT, compose_config
+
+RECIPES = sorted((CONF / "recipe").glob("*.yaml"))
+TUNING = ROOT / "results" / "reference" / "tuning_cpu" / "tuning.csv"
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_names_a_train_and_an_sae_and_sets_only_their_keys(path) -> None:
+    train, sae = path.stem.split("_", 1)
+    assert (CONF / "train" / f"{train}.yaml").exists() and (CONF / "sae" / f"{sae}.yaml").exists()
+    recipe = OmegaConf.load(path)
+    assert set(recipe.keys()) <= {"train", "sae"} and len(recipe) > 0
+    assert set(recipe.get("train", {}).keys()) <= FIELDS | {"jumprelu"}
+    assert set(recipe.get("sae", {}).keys()) <= set(OmegaConf.load(CONF / "sae" / f"{sae}.yaml"))
+
+
+def test_a_recipe_applies_to_its_architecture_on_its_train_only() -> None:
+    base = compose_config(["sae=relu"]).train.lr  # no recipe: train/cpu.yaml's value
+    assert base == pytest.approx(1.0e-3)
+    for path in RECIPES:
+        train, sae = path.stem.split("_", 1)
+        want = OmegaConf.load(path).get("train", {}).get("lr", base)
+        assert compose_config([f"train={train}", f"sae={sae}"]).train.lr == want
+        assert compose_config(["+experiment=quickstart", f"sae={sae}"]).train.lr == want
+        assert compose_config(["train=paper", f"sae={sae}"]).train.lr == pytest.approx(7e-5)
+        assert compose_config([f"sae={sae}", "train.lr=0.0123"]).train.lr == 0.0123  # CLI wins
+
+
+def test_the_cpu_recipes_are_the_tuning_protocols_choice() -> None:
+    table = pd.read_csv(TUNING, dtype={"value": str})
+    chosen = table[table["chosen"]]
+    assert set(chosen["sae"]) >= {"jumprelu", "gated", "topk"}
+    for row in chosen.itertuples():
+        cfg = compose_config(["+experiment=quickstart", f"sae={row.sae}"])
+        assert cfg.train.lr == pytest.approx(row.lr), row.sae
+        # the knob: each architecture's chosen value is its config's value
+        if row.sae.startswith("jumprelu"):
+            assert cfg.sae.get("threshold_init_mode", "constant") == row.value
+        elif row.sae == "gated":
+            assert cfg.sae.coefficient == pytest.approx(float(row.value))
+        elif row.sae == "topk":
+            assert cfg.sae.aux_coefficient == pytest.approx(float(Fraction(row.value)))
+    # every chosen recipe reached its targets: held-out L0 within 5% at each
+    assert (chosen["max_l0_off"] <= 0.05).all() and chosen["eligible"].all()
