@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from benchmark.activations import get_activation_store
 from benchmark.compose import compose_config
@@ -92,9 +91,11 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int]) -> list[di
     train_store = get_activation_store(None, cfg0, split="train")
     held_out = get_activation_store(None, cfg0, split="eval",
                                     n_tokens=int(cfg0.eval.n_activation_tokens))  # fmt: skip
-    torch.manual_seed(args.seed)
     plans = [plan_run(cfg) for _, cfg in jobs]  # builds each SAE right after seeding it
-    trainers = [Trainer(p.sae, p.train, p.sparsity, progress=False) for p in plans]
+    trainers = []
+    for plan in plans:
+        assert plan.train is not None and plan.sparsity is not None  # trained, not loaded
+        trainers.append(Trainer(plan.sae, plan.train, plan.sparsity, progress=False))
     batch_size = trainers[0].cfg.batch_size
 
     def batches(skip: int):
