@@ -90,6 +90,7 @@ from baselines.sparse import (
     SparseMode,
     check_mode,
     mask_code,
+    per_latent,
     sparse_forward,
     use_sparse,
 )
@@ -279,7 +280,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def forward(self, x: Tensor) -> SAEOutput:
         return sparse_forward(
-            self, x, lambda z, code: jumprelu(z, self.threshold[code.latents], self.bandwidth)
+            self, x, lambda z, code: jumprelu(z, per_latent(self.threshold, code), self.bandwidth)
         )
 
     def loss_terms(
@@ -307,7 +308,7 @@ class JumpReLUSAE(SparseAutoencoder):
             return step(out.pre.detach(), self.threshold, self.bandwidth).sum(dim=-1).mean()
         # The pairs outside the code are below the window: H = 0 and no gradient.
         z = out.pre.detach()[code.tokens, code.latents]  # (nnz,)
-        return step(z, self.threshold[code.latents], self.bandwidth).sum() / code.n_tokens
+        return step(z, per_latent(self.threshold, code), self.bandwidth).sum() / code.n_tokens
 
     def tanh_penalty(self, out: SAEOutput) -> Tensor:
         """sum_i tanh(c * f_i * ||d_i||), mean over the batch."""
@@ -316,7 +317,7 @@ class JumpReLUSAE(SparseAutoencoder):
         if code is None:
             return torch.tanh(self.c * out.f * norms).sum(dim=-1).mean()
         values: Tensor = out.values  # type: ignore[attr-defined]  # (nnz,), f = 0 elsewhere
-        return torch.tanh(self.c * values * norms[code.latents]).sum() / code.n_tokens
+        return torch.tanh(self.c * values * per_latent(norms, code)).sum() / code.n_tokens
 
     def pre_act_loss(self, out: SAEOutput) -> Tensor:
         """sum_i ReLU(theta_i - pre_i) * ||d_i||, mean over the batch (dense pre)."""

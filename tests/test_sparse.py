@@ -16,9 +16,10 @@ import torch
 
 from baselines.batchtopk import BatchTopKSAE
 from baselines.jumprelu import JumpReLUSAE
-from baselines.sparse import MAX_SPARSE_DENSITY, SparseSAEOutput, use_sparse
+from baselines.sparse import MAX_SPARSE_DENSITY, SparseSAEOutput, mask_code, per_latent, use_sparse
 from baselines.topk import TopKSAE
 from benchmark.train import Sparsity, TrainConfig, train_sae
+from tests.helpers import ROOT
 
 SHAPES = [(12, 50, 64), (20, 96, 33), (7, 200, 5)]  # (d_in, d_sae, batch)
 # The JumpReLU sparsity losses (baselines/jumprelu.py); the pre-activation term reads the dense pre.
@@ -180,3 +181,55 @@ def test_sparse_flag_is_validated(cls):
     kw = {"k": 2} if cls is TopKSAE else {}
     with pytest.raises(ValueError, match="sparse must be"):
         cls(4, 8, sparse="yes", **kw)
+
+
+def test_per_latent_gradient_is_plain_indexings() -> None:
+    """per_latent(v, code) = v[code.latents], and its gradient sums each latent's pairs."""
+    torch.manual_seed(0)
+    mask = torch.rand(300, 50) < 0.3
+    code = mask_code(mask)
+    v = torch.randn(50, requires_grad=True)
+    w = torch.randn(int(mask.sum()))
+    (per_latent(v, code) * w).sum().backward()
+    assert v.grad is not None
+    got = v.grad.clone()
+    v.grad = None
+    (v[code.latents] * w).sum().backward()
+    assert torch.equal(per_latent(v, code), v[code.latents])
+    torch.testing.assert_close(got, v.grad, rtol=1e-5, atol=1e-6)
+    by_hand = torch.zeros(50).index_add_(0, code.latents, w)
+    torch.testing.assert_close(got, by_hand, rtol=0, atol=0)
+
+
+TRAIN_IN_A_PROCESS = """
+import sys, torch
+from baselines.jumprelu import JumpReLUSAE
+torch.set_num_threads(2)
+x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+torch.manual_seed(0)
+sae = JumpReLUSAE(64, 2048, coefficient=1e-3, bandwidth=0.05, threshold_init=0.05, sparse=True)
+opt = torch.optim.Adam(sae.parameters(), lr=4e-3, betas=(0.0, 0.999))
+for step in range(8):
+    xb = x[(step % 4) * 1024:(step % 4 + 1) * 1024]
+    loss = sae.loss_terms(xb, sae(xb), 1e-3, None)["loss"]
+    opt.zero_grad(); loss.backward(); opt.step(); sae.after_optimizer_step()
+torch.save(sae.state_dict(), sys.argv[1])
+"""
+
+
+def test_jumprelu_training_is_bit_identical_across_processes(tmp_path) -> None:
+    """Two processes, two threads each, the same 8 sparse steps: the same weights to the bit.
+    (With plain indexing of the thresholds, their gradient's pair sums were added in a
+    run-dependent order: the thresholds differed between processes after a few steps.)"""
+    import subprocess
+    import sys
+
+    paths = [tmp_path / f"run{i}.pt" for i in range(2)]
+    for path in paths:
+        done = subprocess.run([sys.executable, "-c", TRAIN_IN_A_PROCESS, str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    a, b = (torch.load(p) for p in paths)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
