@@ -17,8 +17,8 @@ The protocol (one table per run of this script, written to --out as tuning.csv /
   (the scale of its RI-L1 term, where target-L0 calibration starts), TopK's AuxK coefficient
   (its dead-latent remedy).
 - Measured exactly as `benchmark.run` measures a run's activation metrics (trained on the
-  normalised training cache, scale folded, `activation_metrics` on the eval.n_activation_tokens
-  held-out activations): L0, FVU, dead fraction, fraction firing on >10% of tokens. No LM pass:
+  normalised training cache, scale folded, `benchmark.run.activation_stage` on the
+  eval.n_activation_tokens held-out activations of `benchmark.run.held_out_store`): L0, FVU, dead fraction, fraction firing on >10% of tokens. No LM pass:
   the delta LM loss the tables report plays no part in the choice.
 - Choice: a candidate is eligible if its held-out L0 is within --l0-tolerance (5%) of the
   target at every target; the chosen recipe is the eligible one with the lowest FVU averaged
@@ -36,12 +36,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from benchmark.activations import get_activation_store
 from benchmark.compose import compose_config
-from benchmark.evaluate import activation_metrics
 from benchmark.fileio import atomic_write
-from benchmark.run import plan_run
+from benchmark.run import activation_stage, held_out_store, plan_run
 from benchmark.train import Trainer, train_group
 
 LRS = (5.0e-4, 1.0e-3, 2.0e-3)
@@ -89,8 +89,7 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int]) -> list[di
                               "target_l0": target}, cfg))  # fmt: skip
     cfg0 = jobs[0][1]
     train_store = get_activation_store(None, cfg0, split="train")
-    held_out = get_activation_store(None, cfg0, split="eval",
-                                    n_tokens=int(cfg0.eval.n_activation_tokens))  # fmt: skip
+    held_out = held_out_store(cfg0, None)
     plans = [plan_run(cfg) for _, cfg in jobs]  # builds each SAE right after seeding it
     trainers = []
     for plan in plans:
@@ -111,16 +110,7 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int]) -> list[di
     rows = []
     for (row, cfg), plan, result in zip(jobs, plans, results, strict=True):
         plan.sae.fold_scale(train_store.norm_scale)
-        metrics, _ = activation_metrics(
-            plan.sae.eval(),
-            held_out.batches(
-                int(cfg.eval.activation_batch_size),
-                seed=0,
-                epochs=1,
-                normalise=False,
-                shuffle=False,
-            ),  # fmt: skip
-        )
+        metrics, _ = activation_stage(cfg, plan.sae, held_out, torch.device("cpu"))
         row.update({k: metrics[k] for k in ("l0", "fvu", "frac_dead", "frac_freq_over_10pct")})
         row.update(train_l0=result.train_l0, coefficient=result.coefficient,
                    n_activation_tokens=held_out.n_tokens)  # fmt: skip
