@@ -18,8 +18,9 @@ The protocol (one table per run of this script, written to --out as tuning.csv /
   (its dead-latent remedy).
 - Measured exactly as `benchmark.run` measures a run's activation metrics (trained on the
   normalised training cache, scale folded, `benchmark.run.activation_stage` on the
-  eval.n_activation_tokens held-out activations of `benchmark.run.held_out_store`): L0, FVU, dead fraction, fraction firing on >10% of tokens. No LM pass:
-  the delta LM loss the tables report plays no part in the choice.
+  eval.n_activation_tokens held-out activations of `benchmark.run.held_out_store`): L0, FVU,
+  dead fraction, fraction firing on >10% of tokens. No LM pass: the delta LM loss the tables
+  report plays no part in the choice.
 - Choice: a candidate is eligible if its held-out L0 is within --l0-tolerance (5%) of the
   target at every target; the chosen recipe is the eligible one with the lowest FVU averaged
   over the targets (within 0.5% of that, a tie, the knob keeps its value before the protocol). Dead fractions are reported beside it (the goal of <= 5% dead is a goal,
