@@ -140,8 +140,8 @@ def per_latent(vector: Tensor, code: SparseCode) -> Tensor:
     """vector[code.latents] (nnz,) for a (d_sae,) vector (e.g. JumpReLU's thresholds), with a
     reproducible gradient. Plain indexing's backward sums the many pairs of one latent with
     `index_put_(accumulate=True)`, which on a multi-threaded CPU adds them in an order that
-    changes from run to run: JumpReLU's thresholds then differed by ~1e-9 after 3 steps and
-    the whole SAE by up to 1% after 300 (at lr 4e-3). `index_add_` on a vector adds them in
+    changes from run to run: JumpReLU's thresholds then differed by ~1e-9 after 3 steps, and
+    after 312 steps at lr 4e-3 one run's held-out L0 by 0.9% and its delta LM loss by 8%. `index_add_` on a vector adds them in
     pair order, so a run is bit-identical in every process (tests/test_sparse.py)."""
     return _PerLatent.apply(vector, code.latents)
 
