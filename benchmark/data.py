@@ -63,6 +63,7 @@ EVAL_POOL_TOKENS = 200_000  # default data.eval_pool_tokens
 BUDGET_KEYS = (
     *("n_train_tokens", "n_eval_tokens", "eval_pool_tokens", "allow_fewer_tokens", "harvest"),
     *("stream", "stream_buffer_tokens", "stream_norm_tokens"),
+    "max_norm_multiple",  # applied when the cache is read (ActivationStore.without_outliers)
 )
 
 

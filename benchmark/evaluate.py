@@ -244,6 +244,28 @@ def hook_layer(hook: str) -> int:
     return int(parts[1])
 
 
+def within(x: Tensor, mask: Tensor, limit: float | None) -> Tensor:
+    """`mask` (B, T) less the positions whose activation x (B, T, d) has a norm over `limit`."""
+    if limit is None:
+        return mask
+    return mask & (x.float().norm(dim=-1) <= limit)
+
+
+def limited(replace: Callable[[Tensor, Tensor], Tensor], limit: float | None):
+    """`replace` applied only at the positions `within` the norm limit."""
+    if limit is None:
+        return replace
+
+    def fn(act: Tensor, mask: Tensor) -> Tensor:
+        return replace(act, within(_flatten(act), mask, limit))
+
+    return fn
+
+
+def _limit_tag(limit: float | None) -> str:
+    return "" if limit is None else f"-maxnorm{limit:.17g}"
+
+
 @torch.no_grad()
 def evaluate_sae(model, sae: nn.Module, tokens: Tensor, mask: Tensor, hook: str,
                  **kwargs: Any) -> dict[str, float | None]:  # fmt: skip
@@ -263,6 +285,7 @@ def evaluate_group(
     model_key: str = "model",
     kl_div: bool = True,
     progress: bool = False,
+    max_norms: dict[str, float | None] | None = None,
 ) -> list[dict[str, float | None]]:
     """The paper's LM metrics for each (sae, hook) of `members` on `tokens` (N, T).
 
@@ -277,14 +300,22 @@ def evaluate_group(
     cache_dir both are computed here. Returns each member's LM-set metrics (`splice_l0` and
     `n_lm_tokens` included; L0, FVU and frequencies come from `activation_metrics`). progress:
     windows done, rate and ETA (a bar on a terminal, periodic log lines elsewhere).
+    max_norms: per hook, a limit on the activation norm (raw units; `data.max_norm_multiple`):
+    a position over it keeps its original activation in the SAE's and the zero-ablation
+    splice, as a masked-out position does, and is left out of `splice_l0`; its cross-entropy
+    is still scored. The zero-ablation cache key names the limit.
     """
+    limits = {hook: (max_norms or {}).get(hook) for _, hook in members}
     start = min(hook_layer(hook) for _, hook in members)
     # Only L0 is read on the LM set (FVU and frequencies come from the activation set).
     stats = [{"n": 0, "active": 0} for _ in members]
 
-    def splicer(sae: nn.Module, st: dict[str, int]) -> Callable[[Tensor, Tensor], Tensor]:
+    def splicer(
+        sae: nn.Module, st: dict[str, int], limit: float | None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         def splice(act: Tensor, m: Tensor) -> Tensor:
             x = _flatten(act)  # (B, T, d)
+            m = within(x, m, limit)
             sel = x[m]  # (n, d): only the positions that count
             out = sae(sel.float())
             st["n"] += sel.shape[0]
@@ -295,7 +326,9 @@ def evaluate_group(
 
         return splice
 
-    splices = [splicer(sae, st) for (sae, _), st in zip(members, stats, strict=True)]
+    splices = [
+        splicer(sae, st, limits[hook]) for (sae, hook), st in zip(members, stats, strict=True)
+    ]
     # The clean and zero-ablation losses depend only on (model, tokens[, hook]): cached as small
     # JSON files and reused by every SAE; what is not cached yet is computed in this same loop.
     digest = tokens_digest(tokens)
@@ -304,7 +337,10 @@ def evaluate_group(
     stem = f"v{METRICS_VERSION}-{model_key}"
     clean_path = folder / f"clean-{stem}-{digest}.json" if folder else None
     hooks = list(dict.fromkeys(hook for _, hook in members))
-    zero_paths = {h: folder / f"zero-{stem}-{h}-{digest}.json" if folder else None for h in hooks}
+    zero_paths = {
+        h: folder / f"zero-{stem}-{h}{_limit_tag(limits[h])}-{digest}.json" if folder else None
+        for h in hooks
+    }
     clean_ce = _cached(clean_path)
     zero_ce = {h: _cached(p) for h, p in zero_paths.items()}
     zero_todo = [h for h in hooks if zero_ce[h] is None]
@@ -323,8 +359,8 @@ def evaluate_group(
             clean_logits = run_from(model, resid, start, [])
             clean += _ce_sum(clean_logits, t, m).cpu()
         for h in zero_todo:
-            zero[h] += _ce_sum(run_from(model, resid, start, [(h, _splice_hook(zero_splice, m))]),
-                               t, m).cpu()  # fmt: skip
+            ablate = _splice_hook(limited(zero_splice, limits[h]), m)
+            zero[h] += _ce_sum(run_from(model, resid, start, [(h, ablate)]), t, m).cpu()
         for j, (_, hook) in enumerate(members):
             logits = run_from(model, resid, start, [(hook, _splice_hook(splices[j], m))])
             spliced[j] += _ce_sum(logits, t, m).cpu()

@@ -53,6 +53,9 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     # so runs from before the option keep their hashes, folders and results.
     if isinstance(out.get("train"), dict) and out["train"].get("precision") == "fp32":
         del out["train"]["precision"]
+    # Likewise data.max_norm_multiple (null: every token kept) hashes only when it is set.
+    if isinstance(out.get("data"), dict) and out["data"].get("max_norm_multiple", 0) is None:
+        del out["data"]["max_norm_multiple"]
     return out
 
 

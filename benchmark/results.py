@@ -120,6 +120,8 @@ class ResultRecord:
     # wall seconds of the run's (or its group's) stages: setup, harvest, train, evaluate
     stage_seconds: dict[str, float] | None = None
     sae_source: dict[str, Any] | None = None  # where a released/foreign SAE's weights came from
+    # data.max_norm_multiple: the limits in raw units and the rows left out (None: off)
+    norm_filter: dict[str, Any] | None = None
     error: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)  # flattened too
 

@@ -119,6 +119,7 @@ class Trained:
     norm_scale: float
     activation_cache: str
     logger: Any = None  # finished once the result is written
+    store: Any = None  # the training activations (None: evaluate-only)
 
 
 @dataclass
@@ -150,6 +151,7 @@ def train_stage(
         sites = list({members[i].cfg.site.name: members[i].cfg.site for i in todo}.values())
         stage("activations", lead.out)
         stores = activations.get_activation_stores(model, lead.cfg, "train", sites=sites)
+        stores = without_outliers(lead.cfg, stores)
         trainers, streams, loggers = [], [], []
         for i in todo:
             m, plan = members[i], plans[i]
@@ -199,7 +201,7 @@ def train_stage(
             write_history(m.out / "history.csv", result.history)
             plan.sae.fold_scale(store.norm_scale)
             save_sae(plan.sae, m.out, plan.node)
-            trained[i] = Trained(result, store.norm_scale, str(store.key), logger)
+            trained[i] = Trained(result, store.norm_scale, str(store.key), logger, store)
     return [t for t in trained if t is not None]
 
 
@@ -238,6 +240,7 @@ def run_group(members: list[Member], group: str | None = None) -> list[ResultRec
     n_held_out = int(lead.cfg.eval.n_activation_tokens)
     held_out = activations.get_activation_stores(model, lead.cfg, "eval", sites=sites,
                                                  n_tokens=n_held_out)  # fmt: skip
+    held_out = without_outliers(lead.cfg, held_out)
     clock.lap("harvest")  # the held-out set; the training split's harvest is timed below
     trained = train_stage(members, plans, model, group)
     clock.split("harvest", "train", [t.result.seconds for t in trained if t.result is not None])
@@ -249,8 +252,9 @@ def run_group(members: list[Member], group: str | None = None) -> list[ResultRec
         act_metrics, freq = activation_stage(m.cfg, plan.sae, eval_store, device)
         np.save(m.out / "firing_frequency.npy", freq.numpy())
         act.append((eval_store, act_metrics))
+    max_norms = {h: held_out[m.cfg.site.name].max_norm for m, h in zip(members, hooks, strict=True)}
     lm = evaluate_stage(lead.cfg, [(p.sae, h) for p, h in zip(plans, hooks, strict=True)],
-                        bridge, device)  # fmt: skip
+                        bridge, device, max_norms)  # fmt: skip
     clock.lap("evaluate")
     records = []
     for m, plan, t, hook, (eval_store, act_metrics), lm_metrics in zip(
@@ -258,6 +262,7 @@ def run_group(members: list[Member], group: str | None = None) -> list[ResultRec
     ):
         record = build_record(m.cfg, plan, t, m.out, m.choices, hook, device,
                               {**act_metrics, **lm_metrics}, str(eval_store.key))  # fmt: skip
+        record.norm_filter = norm_filter(m.cfg, t.store, eval_store)
         record.trained_in_group = group
         record.stage_seconds = dict(clock.laps)
         record.wall_seconds = time.perf_counter() - t_start  # the whole group, record included
@@ -365,9 +370,45 @@ def _after_result(out: Path, logger: Any, metrics: dict[str, Any]) -> None:
 
 def held_out_store(cfg: DictConfig, model: Any):
     """The eval split's activation cache of cfg.site: eval.n_activation_tokens held-out
-    activations, harvested once per site and shared by every SAE."""
+    activations, harvested once per site and shared by every SAE (less the rows over
+    `data.max_norm_multiple`, when it is set)."""
     n_tokens = int(cfg.eval.n_activation_tokens)
-    return activations.get_activation_store(model, cfg, split="eval", n_tokens=n_tokens)
+    store = activations.get_activation_store(model, cfg, split="eval", n_tokens=n_tokens)
+    return store.without_outliers(cfg.data.get("max_norm_multiple"))
+
+
+def without_outliers(cfg: DictConfig, stores: dict[str, Any]) -> dict[str, Any]:
+    """`stores` less their rows with a norm over data.max_norm_multiple x the store's median
+    norm (`ActivationStore.without_outliers`); unchanged when it is null (the default).
+
+    Why: some models write "massive activations" (Sun et al., 2024, arXiv 2402.17762) into the
+    residual stream at a few positions; in SmolLM2-135M, at the first token after BOS when it
+    is a delimiter ("\\n", ",", "("). At layer 14 they are 0.1% of the tokens, up to 160x the
+    median norm, and hold 95% of the variance: the one-scalar normalisation and the MSE are
+    then about those few tokens. Leaving out rows over a multiple of the median norm follows
+    `max_activation_norm_multiple` of the dictionary_learning library (saprmarks, PR #52). A
+    left-out position is treated as BOS is: not trained on, not in the activation metrics, and
+    it keeps its original activation in the LM splice (its cross-entropy is still scored)."""
+    multiple = cfg.data.get("max_norm_multiple")
+    return {name: store.without_outliers(multiple) for name, store in stores.items()}
+
+
+def norm_filter(cfg: DictConfig, train_store: Any, eval_store: Any) -> dict[str, Any] | None:
+    """What `without_outliers` left out, for the result record (None when it is off)."""
+    multiple = cfg.data.get("max_norm_multiple")
+    if multiple is None:
+        return None
+    return {
+        "max_norm_multiple": float(multiple),
+        "definition": "a position whose activation norm (raw units) exceeds max_norm_multiple "
+        "x the median norm of its split's cached activation set is left out like BOS: not "
+        "trained on, not in l0/fvu/frequencies, and it keeps its original activation in the "
+        "LM splice (its cross-entropy is still scored)",
+        "train_max_norm": getattr(train_store, "max_norm", None),
+        "train_excluded": getattr(train_store, "n_excluded", None),
+        "held_out_max_norm": eval_store.max_norm,
+        "held_out_excluded": eval_store.n_excluded,
+    }
 
 
 def activation_stage(cfg: DictConfig, sae, store: Any, device: torch.device):
@@ -381,17 +422,20 @@ def activation_stage(cfg: DictConfig, sae, store: Any, device: torch.device):
     return metrics, freq
 
 
-def evaluate_stage(cfg: DictConfig, members, lm, device: torch.device):
+def evaluate_stage(cfg: DictConfig, members, lm, device: torch.device,
+                   max_norms: dict[str, float | None] | None = None):  # fmt: skip
     """The LM metrics of trained (scale-folded) SAEs, each (sae, hook) of `members`, on the LM
     set of the held-out split: one shared pass per batch up to the hooked layer
-    (`evaluate_group`). Returns one metrics dict per member."""
+    (`evaluate_group`). max_norms: per hook, the held-out store's `max_norm` (positions with a
+    larger activation norm keep their original activation). Returns one metrics dict per
+    member."""
     tokens = data.eval_windows(cfg, lm.tokenizer).to(device)
     mask = data.non_special_mask(tokens, lm.tokenizer)
     return evaluate_group(
         lm, [(sae.eval(), hook) for sae, hook in members], tokens, mask,
         batch_size=int(cfg.eval.batch_size), cache_dir=cfg.cache_dir,
         model_key=activations.model_key(cfg), kl_div=bool(cfg.eval.kl_div),
-        progress=cfg.get("progress", True),
+        progress=cfg.get("progress", True), max_norms=max_norms,
     )  # fmt: skip
 
 
@@ -404,8 +448,10 @@ def reevaluate(run_dir: str | Path, device: str = "auto") -> dict[str, float | N
     sae = load_sae(run_dir, dev)
     hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
     lm = models.load_model(cfg.model, dev, cfg.cache_dir)
-    act_metrics, _ = activation_stage(cfg, sae, held_out_store(cfg, lm), dev)
-    return {**act_metrics, **evaluate_stage(cfg, [(sae, hook)], lm, dev)[0]}
+    store = held_out_store(cfg, lm)
+    act_metrics, _ = activation_stage(cfg, sae, store, dev)
+    lm_metrics = evaluate_stage(cfg, [(sae, hook)], lm, dev, {hook: store.max_norm})[0]
+    return {**act_metrics, **lm_metrics}
 
 
 def check_folder(cfg: DictConfig, out: Path) -> dict[str, Any] | None:

@@ -178,6 +178,10 @@ DATA_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "hf_split": (lambda v: isinstance(v, str), "a string"),
     "text_field": (lambda v: isinstance(v, str), "a string"),
     "id_field": _OPT_STR,
+    "max_norm_multiple": (
+        lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1),
+        "null (keep every token) or a number > 1 (a multiple of the median activation norm)",
+    ),
 }
 EVAL_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "name": (lambda v: isinstance(v, str), "a string"),
@@ -240,6 +244,11 @@ def check_run(cfg: DictConfig) -> None:
     check_seed(cfg)
     check_group("data", cfg.data, DATA_KEYS)
     check_group("eval", cfg.eval, EVAL_KEYS)
+    if cfg.data.get("stream") and cfg.data.get("max_norm_multiple") is not None:
+        raise ConfigError(
+            f"data.max_norm_multiple={cfg.data.max_norm_multiple} needs cached activations: "
+            "set data.stream=false or data.max_norm_multiple=null"
+        )
     if evaluate_only(cfg):  # the SAE comes from a file: its size and sparsity are the file's
         if not cfg.sae.get("path"):
             raise ConfigError(

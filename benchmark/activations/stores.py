@@ -14,6 +14,7 @@ reads manifest.json and norm.json as they were written.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Generator, Iterator
@@ -50,9 +51,34 @@ class ActivationStore:
         self.from_cache = from_cache  # False when this process harvested it
         self.shards: list[tuple[str, int]] = [(s["file"], s["rows"]) for s in manifest["shards"]]
         self.buffer_rows = max(1, buffer_mb * 2**20 // (self.d_in * 4))
+        # `without_outliers`: rows with a larger norm (raw units) are skipped; None keeps all
+        self.max_norm: float | None = None
+        self.n_excluded = 0  # rows of the cache skipped for their norm
 
     def __repr__(self) -> str:
         return f"ActivationStore({self.key}, n_tokens={self.n_tokens}, d_in={self.d_in})"
+
+    def without_outliers(self, multiple: float | None) -> ActivationStore:
+        """This store with every row whose norm exceeds `multiple` x the cache's median norm
+        left out (`data.max_norm_multiple`; None: this store itself). The copy's `n_tokens` counts
+        the rows kept, its `norm_scale` is the root-mean-square norm of those rows (so that
+        E||x||^2 = 1 holds for what the SAE sees), `max_norm` is the limit in raw units and
+        `n_excluded` the rows left out. The rows kept and their order are those of this store
+        with the others removed. One pass over the shards (float64 norms, as the manifest's)."""
+        if multiple is None:
+            return self
+        out = copy.copy(self)
+        out.max_norm = float(multiple) * float(self.stats["norm_quantiles"]["q50"])
+        kept, sum_sq = 0, 0.0
+        for i in range(len(self.shards)):
+            sq = _sq_norms(np.array(self._load(i)), self.dtype)  # read, not mapped
+            within = sq <= out.max_norm**2
+            kept, sum_sq = kept + int(within.sum()), sum_sq + float(sq[within].sum())
+        if kept == 0:
+            raise ConfigError(f"data.max_norm_multiple={multiple} leaves no row of {self.key}")
+        out.n_tokens, out.n_excluded = kept, self.n_tokens - kept
+        out.norm_scale = math.sqrt(sum_sq / kept)
+        return out
 
     def batches(
         self,
@@ -78,6 +104,8 @@ class ActivationStore:
             return
         carry, done = None, 0
         for chunk in self._chunks(rng, shuffle):
+            if self.max_norm is not None:
+                chunk = chunk[_sq_norms(chunk, self.dtype) <= self.max_norm**2]
             # Leftover rows go first, unshuffled: epoch e ends before epoch e + 1 begins.
             buf = chunk if carry is None else np.concatenate([carry, chunk])  # (R, d_in)
             start = 0
@@ -125,11 +153,19 @@ class StreamingStore:
         self.d_in: int = norm["d_in"]
         self.n_tokens: float = math.inf
         self.norm_scale: float = norm["norm_scale"]
+        self.max_norm: float | None = None  # streamed rows are never left out for their norm
+        self.n_excluded = 0
         self.buffer_rows = buffer_rows
         self._bridge, self._data_cfg, self._layer = bridge, data_cfg, layer
 
     def __repr__(self) -> str:
         return f"StreamingStore({self.key}, buffer_rows={self.buffer_rows}, d_in={self.d_in})"
+
+    def without_outliers(self, multiple: float | None) -> StreamingStore:
+        """Itself; data.max_norm_multiple needs a cache (validate.check_run says so first)."""
+        if multiple is not None:
+            raise ConfigError(f"data.max_norm_multiple={multiple} needs data.stream=false")
+        return self
 
     def batches(
         self,
@@ -362,6 +398,12 @@ def _to_numpy(x: torch.Tensor) -> np.ndarray:
 def _to_float32(a: np.ndarray, dtype: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).float()
+
+
+def _sq_norms(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Squared row norms of stored rows, in float64."""
+    x = _to_float32(a, dtype).double()
+    return (x * x).sum(dim=1).numpy()
 
 
 def _mix(group: list[np.ndarray], rng: np.random.Generator, shuffle: bool) -> np.ndarray:
