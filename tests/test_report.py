@@ -395,6 +395,22 @@ def test_cli(tmp_path: Path) -> None:
     assert (tmp_path / "runs" / "report" / "table1_matched_l0.tex").exists()
 
 
+def test_a_run_far_off_its_target_is_flagged(tmp_path: Path) -> None:
+    """Held-out L0 more than 10% from target_l0 (a failed calibration, e.g. a diverged run): kept
+    as a point at its own L0, and listed as a warning with its L0, FVU and dead fraction."""
+    write_run(tmp_path, l0=43.9)  # +9.75%: fine
+    write_run(tmp_path, target_l0=80, l0=101.2, fvu=0.699, frac_dead=0.722)  # +26.5%
+    write_run(tmp_path, target_l0=20, l0=17.9)  # -10.5%
+    runs, problems = load_results(tmp_path)
+    assert len(runs) == 3
+    warnings = problems[problems.status == "warning"].sort_values("run_dir")
+    assert len(warnings) == 2
+    first, second = warnings.itertuples()
+    assert "l0_20" in first.run_dir and "l0 17.9 vs target_l0 20 (-10.5%" in first.reason
+    assert "l0_80" in second.run_dir
+    assert "l0 101.2 vs target_l0 80 (+26.5%; fvu 0.699, frac_dead 0.722)" in second.reason
+
+
 def test_cli_fails_on_an_empty_folder(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "benchmark.report", str(tmp_path)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)

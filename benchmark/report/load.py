@@ -76,7 +76,7 @@ def load_results(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs, duplicates = keep_newest(runs, ["config_hash"], "duplicate of {kept}")
     conflict = "same curve, point and seed as {kept} but another config_hash; re-run"
     runs, conflicts = keep_newest(runs, ["curve_hash", "point", "seed"], conflict)
-    problems += duplicates + conflicts + unrepresentative(runs)
+    problems += duplicates + conflicts + unrepresentative(runs) + off_target(runs)
     return runs, pd.DataFrame(problems, columns=list(PROBLEM_COLUMNS))
 
 
@@ -95,6 +95,27 @@ def unrepresentative(runs: pd.DataFrame) -> list[dict]:
         {"run_dir": r.run_dir, "status": "warning",
          "reason": f"LM set unrepresentative: splice_l0 {r.splice_l0:.1f} vs l0 {r.l0:.1f} "
                    f"({100 * (r.splice_l0 / r.l0 - 1):+.1f}%); raise data.n_eval_tokens"}
+        for r in bad.itertuples()
+    ]  # fmt: skip
+
+
+OFF_TARGET_TOLERANCE = 0.10  # relative
+
+
+def off_target(runs: pd.DataFrame) -> list[dict]:
+    """Target-L0 runs whose held-out L0 is more than 10% from their target: the calibration
+    failed, most often because training diverged or collapsed (a diverged run's FVU and dead
+    fraction say which). The run stays a measured point at its own L0, so the curves and claims
+    use it; listed, not dropped, so that a reader sees why a curve or an interval looks odd."""
+    if runs.empty or "target_l0" not in runs:
+        return []
+    gap = runs["l0"] / runs["target_l0"] - 1
+    bad = runs[runs["target_l0"].notna() & (gap.abs() > OFF_TARGET_TOLERANCE)]
+    return [
+        {"run_dir": r.run_dir, "status": "warning",
+         "reason": f"off target: l0 {r.l0:.1f} vs target_l0 {r.target_l0:g} "
+                   f"({100 * (r.l0 / r.target_l0 - 1):+.1f}%; fvu {r.fvu:.3f}, frac_dead "
+                   f"{r.frac_dead:.3f}): calibration failed, training may have diverged"}
         for r in bad.itertuples()
     ]  # fmt: skip
 
