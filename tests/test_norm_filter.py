@@ -31,7 +31,7 @@ def write_cache(path, shards: list[np.ndarray]) -> ActivationStore:
     path.mkdir()
     shards = [s.astype(np.float32) for s in shards]
     for k, rows in enumerate(shards):
-        np.save(path / f"shard_{k:05d}.npy", rows.astype(np.float32))
+        np.save(path / f"shard_{k:05d}.npy", rows)
     norms = np.linalg.norm(np.concatenate(shards).astype(np.float64), axis=1)
     manifest = {
         "key": path.name, "hook": "blocks.0.hook_resid_post", "d_in": shards[0].shape[1],
