@@ -40,6 +40,7 @@ from baselines.foreign import (
     fresh,
     jumprelu_threshold,
     local_files,
+    reading,
     record_source,
 )
 
@@ -68,23 +69,24 @@ def load_dictionary_learning(
     if path is None:
         return fresh("dictionary_learning", architecture, d_in, d_sae, k)
     ae_file, cfg_file = local_files(path, [AE, CONFIG])
-    trainer = json.loads(cfg_file.read_text()).get("trainer", {})
-    dict_class = trainer.get("dict_class")
-    if dict_class not in SUITE_NAME:
-        raise ValueError(
-            f"{cfg_file}: dict_class={dict_class!r}; supported: {', '.join(SUITE_NAME)}"
-        )
-    arch = SUITE_NAME[dict_class]
-    if architecture is not None and architecture != arch:
-        raise ValueError(f"{cfg_file}: {dict_class} is {arch}, but sae.architecture={architecture}")
-    state = torch.load(ae_file, map_location="cpu", weights_only=True)
-    state = state.get("ae", state)  # a mid-training backup nests the state dict under "ae"
-    w = {name: t.float() for name, t in state.items() if name != "k"}
-    tensors = _suite_tensors(arch, w)
-    found = (tensors["W_enc"].shape[0], tensors["W_enc"].shape[1])
-    check_sizes("dictionary_learning", d_in, d_sae, found)
-    k_file = trainer.get("k", int(state["k"]) if "k" in state else None)
-    sae = assign(build(arch, *found, k=k_file), tensors)
+    with reading(cfg_file, "dictionary_learning config.json"):
+        trainer = json.loads(cfg_file.read_text()).get("trainer", {})
+        dict_class = trainer.get("dict_class")
+        if dict_class not in SUITE_NAME:
+            raise ValueError(f"dict_class={dict_class!r}; supported: {', '.join(SUITE_NAME)}")
+        arch = SUITE_NAME[dict_class]
+        if architecture is not None and architecture != arch:
+            raise ValueError(f"{dict_class} is {arch}, but sae.architecture={architecture}")
+    with reading(ae_file, "dictionary_learning ae.pt"):
+        # Tensors and plain containers only: a pickled object (code) is refused, never run.
+        state = torch.load(ae_file, map_location="cpu", weights_only=True)
+        state = state.get("ae", state)  # a mid-training backup nests the state dict under "ae"
+        w = {name: t.float() for name, t in state.items() if name != "k"}
+        tensors = _suite_tensors(arch, w)
+        found = (tensors["W_enc"].shape[0], tensors["W_enc"].shape[1])
+        check_sizes("dictionary_learning", d_in, d_sae, found)
+        k_file = trainer.get("k", int(state["k"]) if "k" in state else None)
+        sae = assign(build(arch, *found, k=k_file), tensors)
     source = {
         "format": "dictionary_learning", "path": str(path), "folder": str(cfg_file.parent),
         "dict_class": dict_class, "d_in": found[0], "d_sae": found[1],

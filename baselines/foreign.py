@@ -12,17 +12,26 @@ BatchTopKSAE) whose outputs equal the foreign formula (each loader's docstring g
 so it is evaluated by the suite's metrics with no special case. It reads raw activations of the
 hooked site (no input normalisation): the released formats store weights in activation units.
 
+Files are data: every loader parses its files (JSON, safetensors, `torch.load(weights_only=True)`,
+npz without pickles) and `reading` turns whatever a damaged, truncated or hostile file raises
+into one ValueError that names the file.
+
 Must not know Hydra, the data, the model or the trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import huggingface_hub
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from baselines.base import SparseAutoencoder
@@ -82,6 +91,47 @@ def _hub_files(uri: str, names: Sequence[str]) -> list[Path]:
 def _download(repo_id: str, filename: str) -> str:
     # Looked up on the module at call time, so tests can stand in for the hub.
     return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename)
+
+
+# What parsing a damaged, truncated, foreign or hostile file raises (a pickle outside
+# torch.load's weights-only allow-list: UnpicklingError; a bad safetensors header:
+# SafetensorError; a cut zip: BadZipFile or EOFError; a missing tensor: KeyError).
+PARSE_ERRORS = (
+    ValueError, KeyError, IndexError, TypeError, OSError, EOFError, RuntimeError,
+    pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError,
+)  # fmt: skip
+
+
+@contextmanager
+def reading(file: str | Path, what: str) -> Iterator[None]:
+    """Parse errors inside the block become one ValueError naming `file` (a missing file keeps
+    its FileNotFoundError): a loader's caller prints one line, never a traceback."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except PARSE_ERRORS as e:
+        text = refusal(e)
+        if isinstance(e, ValueError) and not isinstance(e, pickle.UnpicklingError):
+            raise ValueError(text if str(file) in text else f"{file}: {text}") from None
+        raise ValueError(f"{file}: not a readable {what} ({type(e).__name__}: {text})") from None
+
+
+def safetensors_shapes(file: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, no tensor read (safetensors refuses an
+    oversize header and offsets outside the file)."""
+    with safe_open(file, framework="pt", device="cpu") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def refusal(e: BaseException) -> str:
+    """One line saying why a file was refused; for torch's weights-only unpickler, the object
+    it refused (its own message is a page of advice to load the file with code execution on)."""
+    text = str(e)
+    if m := re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|Check the documentation|$)",
+                      text, re.S):  # fmt: skip
+        text = "refused to unpickle " + m[1]
+    return " ".join(text.split())[:300] or type(e).__name__
 
 
 def check_sizes(fmt: str, d_in: int | None, d_sae: int | None, found: tuple[int, int]) -> None:

@@ -15,6 +15,7 @@ params.npz`; layer L reads `blocks.<L>.hook_resid_post`.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from baselines.foreign import (
     fresh,
     jumprelu_threshold,
     local_files,
+    reading,
     record_source,
     unfold_input_bias,
 )
@@ -47,13 +49,11 @@ def load_gemma_scope(
     if path is None:
         return fresh("gemma_scope", "jumprelu", d_in, d_sae)  # type: ignore[return-value]
     (file,) = local_files(path, [PARAMS])
-    with np.load(file) as npz:
-        missing = [k for k in KEYS if k not in npz.files]
-        if missing:
-            raise ValueError(f"{file}: not a Gemma Scope params.npz (no {', '.join(missing)})")
-        p = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in KEYS}
-    found = (p["W_enc"].shape[0], p["W_enc"].shape[1])
-    check_sizes("Gemma Scope", d_in, d_sae, found)
+    with reading(file, "Gemma Scope params.npz"):
+        found = _checked_shapes(file)
+        check_sizes("Gemma Scope", d_in, d_sae, found)
+        with np.load(file, allow_pickle=False) as npz:  # arrays only, never pickled objects
+            p = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in KEYS}
     sae = JumpReLUSAE(*found, threshold_param="direct")
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_dec"):
@@ -62,6 +62,35 @@ def load_gemma_scope(
         sae.raw_threshold.copy_(jumprelu_threshold(p["threshold"]))
     source = {"format": "gemma_scope", "path": str(path), "file": str(file)}
     return record_source(sae.eval(), {**source, "d_in": found[0], "d_sae": found[1]})  # type: ignore[return-value]
+
+
+def _checked_shapes(file: Path) -> tuple[int, int]:
+    """(d_in, d_sae) from the arrays' .npy headers, before any array is read: every key present,
+    the five shapes consistent, and each member's stored size at least its declared data (a
+    header declaring more than the file holds is refused instead of allocated)."""
+    shapes = {}
+    with zipfile.ZipFile(file) as zf:
+        members = {name.removesuffix(".npy"): zf.getinfo(name) for name in zf.namelist()}
+        if missing := [k for k in KEYS if k not in members]:
+            raise ValueError(f"not a Gemma Scope params.npz (no {', '.join(missing)})")
+        for key in KEYS:
+            with zf.open(members[key]) as fh:
+                major, _ = np.lib.format.read_magic(fh)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else (
+                    np.lib.format.read_array_header_2_0)  # fmt: skip
+                shape, _, dtype = read_header(fh)
+                need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if dtype.hasobject or need > members[key].file_size:
+                raise ValueError(f"{key}: declares {shape} {dtype}, which the file does not hold")
+            shapes[key] = tuple(int(n) for n in shape)
+    if len(shapes["W_enc"]) != 2:
+        raise ValueError(f"W_enc has shape {shapes['W_enc']}, expected (d_in, d_sae)")
+    d_in, d_sae = shapes["W_enc"]
+    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
+            "b_dec": (d_in,), "threshold": (d_sae,)}  # fmt: skip
+    if bad := [k for k in KEYS if shapes[k] != want[k]]:
+        raise ValueError(f"{bad[0]} has shape {shapes[bad[0]]}, expected {want[bad[0]]}")
+    return d_in, d_sae
 
 
 @torch.no_grad()

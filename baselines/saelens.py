@@ -44,7 +44,9 @@ from baselines.foreign import (
     fresh,
     jumprelu_threshold,
     local_files,
+    reading,
     record_source,
+    safetensors_shapes,
 )
 from baselines.gated import GatedSAE
 from baselines.jumprelu import JumpReLUSAE
@@ -74,15 +76,21 @@ def load_saelens(
     if path is None:
         return fresh("saelens", architecture, d_in, d_sae, k)
     cfg_file, weights_file = local_files(path, [CFG, WEIGHTS])
-    cfg = json.loads(cfg_file.read_text())
-    arch, k_file, meta = _read_cfg(cfg)
-    if architecture is not None and architecture != arch:
-        raise ValueError(f"{cfg_file}: architecture {arch!r}, but sae.architecture={architecture}")
-    found = (int(cfg["d_in"]), int(cfg["d_sae"]))
-    check_sizes("SAE-Lens", d_in, d_sae, found)
-    w = {name: t.float() for name, t in load_file(weights_file).items()}
-    sae = build(arch, *found, k=k_file)
-    assign(sae, _suite_tensors(arch, w, cfg))
+    with reading(cfg_file, "SAE-Lens cfg.json"):
+        cfg = json.loads(cfg_file.read_text())
+        arch, k_file, meta = _read_cfg(cfg)
+        if architecture is not None and architecture != arch:
+            raise ValueError(f"architecture {arch!r}, but sae.architecture={architecture}")
+        found = (int(cfg["d_in"]), int(cfg["d_sae"]))
+        check_sizes("SAE-Lens", d_in, d_sae, found)
+    with reading(weights_file, "SAE-Lens weights file"):
+        # The header first: the SAE built from cfg.json's sizes must be the file's size.
+        shape = safetensors_shapes(weights_file).get("W_enc")
+        if shape != found:
+            raise ValueError(f"W_enc has shape {shape}, but {CFG} says d_in x d_sae = {found}")
+        w = {name: t.float() for name, t in load_file(weights_file).items()}
+        sae = build(arch, *found, k=k_file)
+        assign(sae, _suite_tensors(arch, w, cfg))
     source = {
         "format": "saelens", "path": str(path), "folder": str(cfg_file.parent),
         "architecture": cfg.get("architecture", "standard"), "d_in": found[0], "d_sae": found[1],

@@ -34,7 +34,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from baselines.base import SparseAutoencoder
+from baselines.foreign import PARSE_ERRORS, refusal
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
 from benchmark.progress import Progress, progress
@@ -346,19 +347,53 @@ def _diverged(what: str, name: str, step: int, ckpt: Path | None) -> TrainingDiv
     return TrainingDiverged(f"{what} {name} at step {step}; last good checkpoint: {last}")
 
 
+CHECKPOINT_FORMAT = 2  # 2: the TrainState as plain values (`weights_only` loads it)
+
+
 def _save_checkpoint(path: Path, sae, opt, state: TrainState) -> None:
     weights = [(n, t) for n, t in sae.state_dict().items() if t.is_floating_point()]
     if (bad := _first_nonfinite(weights)) is not None:  # the last good checkpoint stays
         raise _diverged("non-finite", bad, state.step - 1, path)
-    ckpt = {"sae": sae.state_dict(), "opt": opt.state_dict(), "state": state}
+    # Tensors, numbers, strings, lists and dicts only: torch.load(weights_only=True) reads it
+    # back without unpickling any object, so a checkpoint from someone else cannot run code.
+    ckpt = {"format": CHECKPOINT_FORMAT, "sae": sae.state_dict(), "opt": opt.state_dict(),
+            "state": asdict(state)}  # fmt: skip
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # never a half-written checkpoint
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents as plain data: `torch.load(weights_only=True)`, which builds
+    tensors, numbers, strings, lists and dicts and refuses every other pickled object (no code
+    runs). A file that needs more (a checkpoint written before the suite saved plain values, a
+    foreign or hostile pickle) or is damaged raises ConfigError naming the file: nothing is
+    loaded from it, and `rerun=true` trains from scratch instead of resuming."""
+    path = Path(path)
+    refuse = (
+        f"{path}: refused: not a checkpoint of this suite's format {CHECKPOINT_FORMAT} (plain "
+        "tensors and numbers)"
+    )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PARSE_ERRORS as e:  # a pickled object outside the allow-list, or a damaged file
+        raise ConfigError(f"{refuse} ({refusal(e)}); set rerun=true to train this run from "
+                          "scratch (or delete the file)") from None  # fmt: skip
+    ok = isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
+    if not ok or not all(isinstance(ckpt.get(k), dict) for k in ("sae", "opt", "state")):
+        raise ConfigError(f"{refuse}; set rerun=true to train this run from scratch")
+    return ckpt
+
+
 def _load_checkpoint(path: Path, sae, opt) -> TrainState:
-    ckpt = torch.load(path, weights_only=False)
-    sae.load_state_dict(ckpt["sae"])
-    opt.load_state_dict(ckpt["opt"])
-    return ckpt["state"]
+    ckpt = read_checkpoint(path)
+    names = {f.name for f in fields(TrainState)}
+    state = {k: v for k, v in ckpt["state"].items() if k in names}
+    try:
+        sae.load_state_dict(ckpt["sae"])
+        opt.load_state_dict(ckpt["opt"])
+        return TrainState(**state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: does not fit this run's SAE or optimiser "
+                          f"({refusal(e)}); set rerun=true to train it from scratch") from None  # fmt: skip
 
 
 class Trainer:
@@ -368,14 +403,16 @@ class Trainer:
     streams (fan-out). Both call the same `step`, so an SAE trained in a group ends with
     exactly the weights of a separate run fed the same batches.
 
-    A checkpoint at `checkpoint_path` is loaded on construction (resume at `state.step`).
-    `seconds` counts this SAE's own steps (and, in `train_sae`, its batch loading).
+    A checkpoint at `checkpoint_path` is loaded on construction (resume at `state.step`) as
+    plain data (`read_checkpoint`); `resume=False` ignores it (it is overwritten at the next
+    checkpoint: `rerun=true` trains from scratch). `seconds` counts this SAE's own steps (and, in `train_sae`, its batch loading).
     """
 
     def __init__(
         self, sae: SparseAutoencoder, cfg: TrainConfig, sparsity: Sparsity, *,
         checkpoint_path: str | Path | None = None,
         log: Callable[[dict[str, float], int], None] | None = None, progress: bool = True,
+        resume: bool = True,
     ) -> None:  # fmt: skip
         self.sae, self.cfg, self.sparsity, self.log = sae, cfg, sparsity, log
         self.device = next(sae.parameters()).device
@@ -386,10 +423,12 @@ class Trainer:
         )  # fmt: skip
         self.state = TrainState(coefficient=sae.coefficient)
         self.ckpt = Path(checkpoint_path) if checkpoint_path else None
-        if self.ckpt is not None and self.ckpt.exists():
+        if resume and self.ckpt is not None and self.ckpt.exists():
             self.state = _load_checkpoint(self.ckpt, sae, self.opt)
             _log.info("resuming from the checkpoint %s at step %d", self.ckpt, self.state.step)
-        if self.state.tokens_since_fired is None:
+        if self.state.tokens_since_fired is not None:  # a checkpoint is read onto the CPU
+            self.state.tokens_since_fired = self.state.tokens_since_fired.to(self.device)
+        else:
             self.state.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long,
                                                         device=self.device)  # fmt: skip
         # An architecture that aims at the target itself (a target-L0 penalty) is not calibrated.

@@ -18,6 +18,7 @@ from benchmark.train import (
     TrainConfig,
     TrainingDiverged,
     lr_multiplier,
+    read_checkpoint,
     train_sae,
     write_history,
 )
@@ -153,11 +154,9 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match="at step 12"):
         train_sae(sae, poisoned, cfg(checkpoint_every=5), Sparsity("coefficient"),
                   checkpoint_path=ckpt, progress=False)  # fmt: skip
-    state = torch.load(ckpt, weights_only=False)["state"]
-    assert state.step == 10  # the last checkpoint before the bad step
-    assert all(
-        torch.isfinite(v).all() for v in torch.load(ckpt, weights_only=False)["sae"].values()
-    )
+    saved = read_checkpoint(ckpt)
+    assert saved["state"]["step"] == 10  # the last checkpoint before the bad step
+    assert all(torch.isfinite(v).all() for v in saved["sae"].values())
 
 
 def test_dead_window_feeds_auxk_only_after_window():
@@ -307,7 +306,7 @@ def test_inf_gradient_with_finite_loss_stops_before_the_step(tmp_path):
                   checkpoint_path=ckpt, progress=False)  # fmt: skip
     # Before: Adam turned the inf into NaN weights, saved by the step-15 checkpoint.
     assert ckpt.read_bytes() == seen["ckpt"]
-    assert torch.load(ckpt, weights_only=False)["state"].step == 10
+    assert read_checkpoint(ckpt)["state"]["step"] == 10
     for k, v in sae.state_dict().items():
         assert torch.equal(v, seen["weights"][k]), k  # no step was taken
 
@@ -328,8 +327,8 @@ def test_non_finite_parameter_after_a_step_is_never_checkpointed(tmp_path):
     with pytest.raises(TrainingDiverged, match="non-finite parameter b_enc at step 9"):
         train_sae(sae, synthetic_batches(), cfg(checkpoint_every=5), Sparsity("coefficient"),
                   checkpoint_path=ckpt, progress=False)  # fmt: skip
-    saved = torch.load(ckpt, weights_only=False)
-    assert saved["state"].step == 5  # before: the step-10 checkpoint held the NaN
+    saved = read_checkpoint(ckpt)
+    assert saved["state"]["step"] == 5  # before: the step-10 checkpoint held the NaN
     assert all(torch.isfinite(v).all() for v in saved["sae"].values())
 
 
