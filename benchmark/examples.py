@@ -11,8 +11,10 @@ forward pass per batch (stopped after the hooked layer); f = sae(x).f at every p
 BOS/EOS/pad excluded (set to 0: the suite never scores them). For each latent it keeps the
 --n-examples positions of largest activation, each with its context (--before / --after tokens)
 and that latent's activation on every context token. Writes OUT/examples.json and
-OUT/examples.html (self-contained: inline CSS, no script, no network; tokens shaded by activation
+OUT/examples.html (self-contained: inline CSS, no script, no network, and a Content-Security-Policy
+that forbids both; every token and name escaped, shown as text; tokens shaded by activation
 relative to the latent's largest; hover shows the value). OUT defaults to RUN_DIR/examples.
+docs/examples_page.md describes the page and how it is tested.
 
 Knows the run folder, the model loader, the data windows and the SAE's forward; nothing else.
 """
@@ -143,17 +145,32 @@ h2 { font-size: 1.05em; margin: 1.6em 0 .3em; }
 """
 
 
+# The page may load nothing and run nothing, whatever a corpus token smuggles in: no script,
+# image, font, frame, form target or base URL; only the inline <style> and style attributes.
+CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+
+def _e(value: Any) -> str:
+    """Any value from the data, as text safe in element content and in quoted attributes."""
+    return html.escape(str(value), quote=True)
+
+
 def render_html(doc: dict) -> str:
-    """One self-contained page: every latent, every example, tokens shaded by activation."""
-    e = html.escape
+    """One self-contained page: every latent, every example, tokens shaded by activation.
+
+    Every value that comes from the data (run name, hook, counts, latent ids, tokens) is escaped,
+    attributes included, so a token such as `<script>` is shown as text, never parsed as markup.
+    """
+    e = _e
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{e(CSP)}">',
         f"<title>Top examples: {e(doc['run'])}</title><style>{CSS}</style></head><body>",
         f"<h1>Top-activating examples</h1><p class=\"meta\">run {e(doc['run'])}; hook "
-        f"{e(doc['hook'])}; {doc['n_tokens']} held-out tokens scanned</p>",
+        f"{e(doc['hook'])}; {e(doc['n_tokens'])} held-out tokens scanned</p>",
     ]  # fmt: skip
     for lat in doc["latents"]:
-        parts.append(f'<section id="latent-{lat["latent"]}"><h2>Latent {lat["latent"]}</h2>'
+        parts.append(f'<section id="latent-{e(lat["latent"])}"><h2>Latent {e(lat["latent"])}</h2>'
                      f'<p class="meta">frequency {lat["frequency"]:.5f}; max activation '
                      f'{lat["max_activation"]:.4g}</p>')  # fmt: skip
         top = lat["max_activation"] or 1.0
@@ -162,7 +179,7 @@ def render_html(doc: dict) -> str:
             for j, (tok, act) in enumerate(zip(ex["tokens"], ex["activations"])):
                 alpha = max(0.0, min(1.0, act / top))
                 cls = "tok focus" if j == ex["focus"] else "tok"
-                text = e(tok.replace("\n", "\u21b5"))
+                text = e(str(tok).replace("\n", "\u21b5"))
                 spans.append(f'<span class="{cls}" data-act="{act:.6g}" title="{act:.4g}" '
                              f'style="background: rgba(255,110,0,{alpha:.3f})">{text}</span>')  # fmt: skip
             parts.append(f'<div class="ex"><span class="val">{ex["activation"]:.3f}</span>'

@@ -1,9 +1,9 @@
 """`python -m benchmark.examples`: top-activating contexts on the held-out split, JSON and HTML.
 
 A tiny run folder (a TopK SAE saved with save_sae, the composed config, a minimal result.json)
-on the real bundled model, ~600 held-out tokens. The HTML is checked with the standard library's
-html.parser: no headless browser can be installed from the project's dev extras (Playwright
-needs a browser download).
+on the real bundled model, ~600 held-out tokens. The HTML is checked here with the standard
+library's html.parser; tests/test_examples_html.py owns its escaping and tests/test_browser.py
+opens a page in headless Chromium (Debian's chromium, not a Playwright browser download).
 """
 
 from __future__ import annotations
