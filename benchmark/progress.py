@@ -115,9 +115,21 @@ class _Lines(Progress):
         parts = [f"{self.done:,.0f}{f'/{self.total:,.0f}' if self.total else ''} {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.done / self.total:.0f}%)"
-        parts.append(f"{rate:,.0f} {self.unit}/s")
+        parts.append(format_rate(rate, self.unit))
         if self.total and rate > 0 and self.done < self.total:
             eta = datetime.timedelta(seconds=round((self.total - self.done) / rate))
             parts.append(f"ETA {eta}")
         parts += [f"{k}={v}" for k, v in self.postfix.items()]
         log.info("%s: %s", self.desc, ", ".join(parts))
+
+
+def format_rate(rate: float, unit: str) -> str:
+    """`1,650 tok/s`, `2.4 window/s`, or below one unit a second `3.1 s/window` (never a
+    rounded `0 window/s`); `0 tok/s` only when nothing was done."""
+    if rate >= 10:
+        return f"{rate:,.0f} {unit}/s"
+    if rate >= 1:
+        return f"{rate:.1f} {unit}/s"
+    if rate > 0:
+        return f"{1 / rate:,.1f} s/{unit}"
+    return f"0 {unit}/s"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from benchmark import progress as progress_module
-from benchmark.progress import progress
+from benchmark.progress import format_rate, progress
 
 
 def lines(caplog):
@@ -37,7 +39,16 @@ def test_log_lines_every_30_seconds_and_on_close(caplog, monkeypatch):
         bar.update(1)  # 32 s: too soon
         bar.set_postfix(epoch=2)
         bar.close()  # a last line
-    assert lines(caplog) == ["stream: 162 tok, 2 tok/s", "stream: 163 tok, 2 tok/s, epoch=2"]
+    assert lines(caplog) == ["stream: 162 tok, 2.0 tok/s", "stream: 163 tok, 1.6 tok/s, epoch=2"]
+
+
+@pytest.mark.parametrize(
+    ("rate", "text"),
+    [(1650.4, "1,650 tok/s"), (12.5, "12 tok/s"), (2.44, "2.4 tok/s"), (1.0, "1.0 tok/s"),
+     (0.3225, "3.1 s/tok"), (1 / 95, "95.0 s/tok"), (0.0, "0 tok/s")],
+)  # fmt: skip
+def test_rates_below_one_per_second_read_as_seconds_per_unit(rate, text):
+    assert format_rate(rate, "tok") == text
 
 
 def test_disabled_and_tty(caplog, monkeypatch):
