@@ -158,7 +158,11 @@ def read_yaml_mapping(path: str | Path) -> Any:
     try:
         cfg = OmegaConf.load(path)
     except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
-        raise ValueError(f"{path}: not a readable YAML file ({_first_line(e)})") from None
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        why = f"{problem} at line {mark.line + 1}" if mark and problem else _first_line(e)
+        raise ValueError(
+            f"{path}: not a readable YAML file ({why}); is the file truncated?"
+        ) from None
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"{path}: expected a YAML mapping (key: value), found a list")
     return cfg
