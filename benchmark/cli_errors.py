@@ -1,26 +1,42 @@
-"""Hydra's own user errors as one line on stderr and exit status 2, like the suite's ConfigError.
+"""User errors of the command lines as one line on stderr and exit status 2; Ctrl-C as one line
+and exit status 130.
 
 Owns the translation of what Hydra raises before (or around) the job: a bad or unparsable
-override, an unknown option of a config group (`sae=nope`), an unknown group or key, and an
-output folder that cannot be created (`results_dir=/proc/x`). Hydra reports these through
-`hydra._internal.utils.run_and_report` as several lines (some with a traceback) and exit
-status 1; `one_line_errors()` wraps that function for the duration of one CLI call. Anything
-else (a bug) keeps Hydra's report and status 1. `HYDRA_FULL_ERROR=1` turns all of this off and
-shows full tracebacks, the suite's ConfigError included (`benchmark.run.main`).
+override, an unknown option of a config group (`sae=nope`), an unknown group or key, an output
+folder that cannot be created or written (`results_dir=/proc/x`, a read-only results folder:
+Hydra writes multirun.yaml, run.log and .hydra/ on every launch, a finished run's folder
+included), and a SLURM launcher where there is no SLURM (submitit's "Could not detect srun").
+Hydra reports these through `hydra._internal.utils.run_and_report` as several lines (some with
+a traceback) and exit status 1; `one_line_errors()` wraps that function for the duration of one
+CLI call. Anything else (a bug) keeps Hydra's report and status 1. `HYDRA_FULL_ERROR=1` turns
+all of this off and shows full tracebacks, the suite's ConfigError included
+(`benchmark.run.main`).
 
-Must not know the pipeline: it sees only exceptions and the command line.
+Also the small pieces every CLI (benchmark.run, report, export, examples) shares: `fail`,
+`interrupted` (Ctrl-C: one line saying how to resume, status 130), `file_error` (an OSError as
+`<file>: <why>`), `unwritable` (a real write probe of a folder: root ignores permission bits,
+and os.access does not see every read-only mount), and strict readers of a run folder's
+config.yaml / result.json whose errors name the file.
+
+Must not know the pipeline: it sees only exceptions, files and the command line.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
 from hydra.errors import (
     ConfigCompositionException,
     MissingConfigException,
@@ -40,6 +56,13 @@ from benchmark.compose import CONF_DIR
 from benchmark.errors import ConfigError
 
 USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+# What a Ctrl-C of benchmark.run prints (run.py: finished runs are skipped, a run with a
+# checkpoint resumes from it).
+RESUME = (
+    "interrupted: re-run the same command to resume (finished runs are skipped, a killed run "
+    "resumes from its last checkpoint when train.checkpoint_every saved one)"
+)
 # OmegaConf errors that only a config value can cause (raised while Hydra resolves the run
 # folder's name, which reads the whole config); other OmegaConf errors may be bugs.
 CONFIG_VALUE_ERRORS = (
@@ -58,9 +81,91 @@ def debug() -> bool:
 
 def fail(message: str) -> NoReturn:
     """Print `error: <message>` (one line) to stderr and exit with status 2."""
+    raise SystemExit(error(message))
+
+
+def error(message: str) -> int:
+    """Print `error: <message>` (one line) to stderr; returns the exit status 2 (for a CLI's
+    `main` that returns its status)."""
     line = " ".join(message.split())  # never more than one line, whatever the source wrote
     print(f"error: {line}", file=sys.stderr, flush=True)
-    raise SystemExit(USER_ERROR_STATUS)
+    return USER_ERROR_STATUS
+
+
+@contextmanager
+def on_interrupt(message: str = "interrupted: nothing else was done; re-run the same command"
+                 ) -> Iterator[None]:  # fmt: skip
+    """Ctrl-C (KeyboardInterrupt) inside this block: `message` as one line on stderr and exit
+    status 130, no traceback (HYDRA_FULL_ERROR=1: the traceback)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if debug():
+            raise
+        interrupted(message)
+
+
+def interrupted(message: str) -> NoReturn:
+    """Print `message` (one line) to stderr and exit with status 130."""
+    print(" ".join(message.split()), file=sys.stderr, flush=True)
+    raise SystemExit(INTERRUPTED_STATUS)
+
+
+def file_error(e: OSError) -> str:
+    """`<file>: <why>` for an OSError (`<why>` alone when it names no file)."""
+    why = e.strerror or str(e)
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {why}" if names else why
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why a file cannot be written in `folder` (created if missing), or None when it can.
+
+    Creates the folder and a temporary file in it, then removes the file: only a real write
+    tells, since root ignores permission bits and os.access does not see every read-only
+    mount or file system (sysfs, a read-only bind mount)."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def read_json_file(path: str | Path) -> Any:
+    """The JSON document in `path`; ValueError / OSError name the file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")  # OSError: names the file
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); is the file "
+                         "truncated?") from None  # fmt: skip
+
+
+def read_yaml_mapping(path: str | Path) -> Any:
+    """The YAML mapping in `path` as an OmegaConf DictConfig; ValueError / OSError name the file."""
+    from omegaconf import DictConfig, OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        why = f"{problem} at line {mark.line + 1}" if mark and problem else _first_line(e)
+        raise ValueError(
+            f"{path}: not a readable YAML file ({why}); is the file truncated?"
+        ) from None
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{path}: expected a YAML mapping (key: value), found a list")
+    return cfg
 
 
 def _first_line(text: object) -> str:
@@ -82,12 +187,72 @@ def _cli_value(key: str) -> str | None:
 
 
 def _made_by_hydra(ex: BaseException) -> bool:
-    """True if the innermost frame outside pathlib/os is Hydra's (its run or sweep folder)."""
+    """True if the innermost frame outside pathlib/os/OmegaConf is Hydra's (its run or sweep
+    folder, or a file it writes there: multirun.yaml, .hydra/*.yaml)."""
     for frame in reversed(traceback.extract_tb(ex.__traceback__)):
         if os.path.basename(frame.filename) in ("pathlib.py", "os.py"):
             continue
+        if f"{os.sep}omegaconf{os.sep}" in frame.filename:
+            continue
         return f"{os.sep}hydra{os.sep}" in frame.filename
     return False
+
+
+def _made_by(ex: BaseException, package: str) -> bool:
+    """True if the exception was raised inside `package` (a folder name on the frame's path)."""
+    frames = traceback.extract_tb(ex.__traceback__)
+    return bool(frames) and f"{os.sep}{package}{os.sep}" in frames[-1].filename
+
+
+def _output_error(e: OSError) -> str:
+    """One line for a run or sweep folder (or a file in it) that Hydra cannot create or write:
+    the results_dir of the command line when there is one, the file and what to do."""
+    making = any(f.name in ("mkdir", "makedirs") for f in traceback.extract_tb(e.__traceback__))
+    where = (
+        f"cannot {'create the run folder' if making else 'write'} {e.filename}: {e.strerror or e}"
+    )
+    results_dir = _cli_value("results_dir")
+    hint = ""
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "; use a writable results_dir"
+        if not making:  # an existing folder, maybe of finished runs
+            hint = (
+                "; Hydra writes its log and config into the run folders on every launch, "
+                "finished runs included: use a writable results_dir (a copy of this one "
+                "resumes it), or read the results with python -m benchmark.report "
+                f"{results_dir or '<folder>'} --out <writable folder>"
+            )
+    if results_dir is not None:
+        return f"results_dir={results_dir}: {where}{hint}"
+    return f"{where} (set results_dir, experiment_name or hydra.run.dir to a writable place){hint}"
+
+
+def launcher_choice() -> str:
+    """The hydra/launcher choice of this run (the command line's, else the composed config's)."""
+    choice = _cli_value("hydra/launcher")
+    if choice is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            choice = HydraConfig.get().runtime.choices.get("hydra/launcher")
+        except Exception:  # noqa: BLE001  (a best-effort name only)
+            choice = None
+    return str(choice or "slurm")
+
+
+def no_slurm() -> str | None:
+    """Why SLURM cannot take jobs here (no srun or sbatch on PATH), or None."""
+    missing = [tool for tool in ("srun", "sbatch") if shutil.which(tool) is None]
+    return f"no {'/'.join(missing)} on PATH" if missing else None
+
+
+def slurm_missing(launcher: str, why: str) -> str:
+    """The one-line message for a SLURM launcher used where there is no SLURM."""
+    local = "slurm_local_fanout" if "fanout" in launcher else "slurm_local"
+    return (
+        f"hydra/launcher={launcher}: no SLURM here ({why}); use hydra/launcher=local "
+        f"(processes on this machine) or {local} to test the SLURM path"
+    )
 
 
 def _composition(ex: ConfigCompositionException) -> str:
@@ -165,11 +330,17 @@ def describe(ex: BaseException) -> str | None:
         key = getattr(ex, "full_key", None)
         return f"{key}: {_first_line(ex)}" if key else _first_line(ex)
     if isinstance(ex, OSError) and _made_by_hydra(ex):
-        where = f"cannot create the run folder {ex.filename}: {ex.strerror or ex}"
-        results_dir = _cli_value("results_dir")
-        if results_dir is not None:
-            return f"results_dir={results_dir}: {where}"
-        return f"{where} (set results_dir, experiment_name or hydra.run.dir to a writable place)"
+        return _output_error(ex)
+    if (  # Hydra's job logging cannot open <run folder>/run.log (a read-only results folder)
+        isinstance(ex, ValueError)
+        and str(ex).startswith("Unable to configure handler")
+        and isinstance(ex.__cause__, OSError)
+    ):
+        return _output_error(ex.__cause__)
+    if isinstance(ex, RuntimeError) and _made_by(ex, "submitit") and "srun" in str(ex):
+        return slurm_missing(launcher_choice(), no_slurm() or "no srun on PATH")
+    if isinstance(ex, FileNotFoundError) and ex.filename in ("sbatch", "srun"):  # submitit's call
+        return slurm_missing(launcher_choice(), no_slurm() or f"no {ex.filename} on PATH")
     return None
 
 

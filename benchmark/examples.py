@@ -22,6 +22,7 @@ Knows the run folder, the model loader, the data windows and the SAE's forward; 
 from __future__ import annotations
 
 import argparse
+import errno
 import html
 import re
 import sys
@@ -31,12 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from benchmark import data, models
+from benchmark import cli_errors, data, models
 from benchmark.fileio import atomic_write, write_json_atomic
-from benchmark.results import read_result
 from benchmark.saes import load_sae
 
 
@@ -193,14 +192,39 @@ def examples(run_dir: str | Path, *, latents: Sequence[int] | None = None, top: 
              random: int | None = None, seed: int = 0, n_examples: int = 10,
              n_tokens: int = 20_000, before: int = 12, after: int = 4, batch_size: int = 8,
              device: str = "auto", out: str | Path | None = None) -> dict:  # fmt: skip
-    """Scan, choose, write OUT/examples.json and OUT/examples.html; returns the JSON document."""
+    """Scan, choose, write OUT/examples.json and OUT/examples.html; returns the JSON document.
+
+    Everything that can be checked without the model is checked before it loads (seconds, not
+    the model's load and the scan): config.yaml (required: a YAML mapping naming the model,
+    layer, site and data), result.json (optional: a run killed during its evaluation has
+    none, and the hook then comes from config.yaml; one that exists must parse), the device,
+    the SAE (benchmark.saes.load_sae: a ValueError / OSError naming the file), --latents
+    against its d_sae, and that OUT can be written. Errors name the file: ValueError, or an
+    OSError with its filename."""
     run_dir = Path(run_dir)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    assert isinstance(cfg, DictConfig)
-    result = read_result(run_dir) or {}
+    if not run_dir.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder (give a run's folder)", str(run_dir))
+    cfg = cli_errors.read_yaml_mapping(run_dir / "config.yaml")
+    missing = [k for k in ("model", "layer", "site", "data", "cache_dir") if k not in cfg]
+    if missing:
+        raise ValueError(f"{run_dir / 'config.yaml'}: no {', '.join(missing)} (not a run's "
+                         "config.yaml?)")  # fmt: skip
+    result_file = run_dir / "result.json"
+    result = cli_errors.read_json_file(result_file) if result_file.exists() else {}
+    if not isinstance(result, dict):
+        raise ValueError(f"{result_file}: expected a JSON object")
     hook = result.get("hook") or models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
-    dev = models.resolve_device(device)
+    dev = models.resolve_device(device, "--device")
     sae = load_sae(run_dir, dev).eval()
+    if latents:
+        bad = [i for i in latents if not 0 <= i < sae.d_sae]
+        if bad:
+            raise ValueError(f"--latents {bad}: not in [0, d_sae={sae.d_sae})")
+    folder = Path(out) if out else run_dir / "examples"
+    why = cli_errors.unwritable(folder)
+    if why is not None:
+        where = "--out" if out else f"{run_dir}: the default output folder"
+        raise ValueError(f"{where} {folder} cannot be written ({why}); give a writable --out")
     lm = models.load_model(cfg.model, dev, cfg.cache_dir)
     tokens = data.token_windows(cfg.data, lm.tokenizer, "eval", n_tokens, allow_fewer=True)
     s = scan(lm, sae, tokens, hook, batch_size)
@@ -211,7 +235,6 @@ def examples(run_dir: str | Path, *, latents: Sequence[int] | None = None, top: 
         "n_tokens": s.n_tokens, "d_sae": sae.d_sae,
         "latents": [latent_examples(s, i, lm.tokenizer, n_examples, before, after) for i in chosen],
     }  # fmt: skip
-    folder = Path(out) if out else run_dir / "examples"
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "examples.json", doc)
     page = render_html(doc)
@@ -220,6 +243,11 @@ def examples(run_dir: str | Path, *, latents: Sequence[int] | None = None, top: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI. A user error is one `error: ...` line on stderr and exit status 2, found before
+    the model loads (`examples`): a bad --latents, a missing or unparsable config.yaml or
+    result.json, a device this machine lacks, an SAE file its loader cannot read, an output
+    folder that cannot be written; any OSError names its file. Ctrl-C: one line, status 130;
+    HYDRA_FULL_ERROR=1: tracebacks instead."""
     p = argparse.ArgumentParser(prog="python -m benchmark.examples", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("run_dir", type=Path)
@@ -236,14 +264,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/examples)")
     a = p.parse_args(argv)
-    latents = [int(x) for x in a.latents.split(",")] if a.latents else None
     try:
-        doc = examples(a.run_dir, latents=latents, top=a.top, random=a.random, seed=a.seed,
-                       n_examples=a.n_examples, n_tokens=a.n_tokens, before=a.before,
-                       after=a.after, batch_size=a.batch_size, device=a.device, out=a.out)  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        latents = [int(x) for x in a.latents.split(",")] if a.latents else None
+    except ValueError:
+        return cli_errors.error(f"--latents={a.latents!r}: expected comma-separated latent "
+                                "indices, e.g. 0,5,17")  # fmt: skip
+    with cli_errors.on_interrupt("interrupted: nothing was written; re-run the same command"):
+        try:
+            doc = examples(a.run_dir, latents=latents, top=a.top, random=a.random, seed=a.seed,
+                           n_examples=a.n_examples, n_tokens=a.n_tokens, before=a.before,
+                           after=a.after, batch_size=a.batch_size, device=a.device, out=a.out)  # fmt: skip
+        except OSError as e:
+            if cli_errors.debug():
+                raise
+            return cli_errors.error(cli_errors.file_error(e))
+        except ValueError as e:
+            if cli_errors.debug():
+                raise
+            return cli_errors.error(str(e))
     out = a.out or a.run_dir / "examples"
     print(f"{len(doc['latents'])} latents, {doc['n_tokens']} tokens: {out}/examples.html")
     return 0

@@ -15,6 +15,7 @@ Knows the run folder's files and the two writers; loads no model and no data.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 
 from baselines.gemma_scope import PARAMS, write_gemma_scope
 from baselines.saelens import write_saelens
+from benchmark import cli_errors
 from benchmark.results import read_result
 from benchmark.saes import load_sae
 
@@ -63,17 +65,42 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI. Every user error is one `error: ...` line on stderr and exit status 2, before
+    anything is written: RUN_DIR missing or not a folder; its result.json missing or not valid
+    JSON, or its config.yaml (optional) not a YAML mapping, each named; an SAE file its loader
+    cannot read (benchmark.saes.load_sae: ValueError / OSError, naming the file); a file that
+    cannot be read or written (any OSError: its file and why). Ctrl-C: one line, status 130;
+    HYDRA_FULL_ERROR=1: tracebacks instead."""
     parser = argparse.ArgumentParser(prog="python -m benchmark.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("run_dir", type=Path, help="a finished run's folder")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", type=Path, required=True, help="folder to write into")
     args = parser.parse_args(argv)
-    try:
-        written = export(args.run_dir, args.format, args.out)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_dir = args.run_dir
+    with cli_errors.on_interrupt("interrupted: the export may be incomplete; re-run the same "
+                                 "command"):  # fmt: skip
+        try:
+            if not run_dir.is_dir():
+                raise FileNotFoundError(errno.ENOENT, "no such folder (give a finished run's "
+                                        "folder)", str(run_dir))  # fmt: skip
+            if not (run_dir / "result.json").is_file():
+                raise FileNotFoundError(errno.ENOENT, "no such file (is the run finished?)",
+                                        str(run_dir / "result.json"))  # fmt: skip
+            result = cli_errors.read_json_file(run_dir / "result.json")
+            if not isinstance(result, dict):
+                raise ValueError(f"{run_dir / 'result.json'}: expected a JSON object")
+            if (run_dir / "config.yaml").exists():
+                cli_errors.read_yaml_mapping(run_dir / "config.yaml")
+            written = export(run_dir, args.format, args.out)
+        except OSError as e:
+            if cli_errors.debug():
+                raise
+            return cli_errors.error(cli_errors.file_error(e))
+        except (ValueError, TypeError) as e:
+            if cli_errors.debug():
+                raise
+            return cli_errors.error(str(e))
     print(json.dumps([str(p) for p in written]))
     return 0
 

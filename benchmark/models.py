@@ -67,16 +67,44 @@ BLOCK_HOOKS = (
 )
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda where present, else cpu; any other name is passed to torch."""
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """`auto` -> cuda where present, else cpu; any other name is passed to torch, and must be
+    a device this machine has: `cuda` / `cuda:N` without CUDA (a CPU-only torch, or no GPU
+    visible), `cuda:N` past the visible GPUs, or `mps` without Metal is a ConfigError naming
+    `key` (the config key, or a CLI's `--device`) now, before any model loads, rather than
+    torch's error from deep inside the model's `.to()`. `benchmark.plan` plans other machines'
+    devices and does not call this."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(
-            f"device={name!r} is not a torch device; use auto, cpu, cuda, cuda:N"
+            f"{key}={name!r} is not a torch device; use auto, cpu, cuda, cuda:N"
         ) from e
+    why = device_unavailable(device)
+    if why:
+        raise ConfigError(f"{key}={name}: {why}; use {key}=auto or cpu")
+    return device
+
+
+def device_unavailable(device: torch.device) -> str | None:
+    """Why this machine cannot run on `device`, or None (cpu, meta and other types: None)."""
+    version = f"torch {torch.__version__}"
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            return f"CUDA is not available on this machine ({version}, built without CUDA)"
+        n = torch.cuda.device_count()
+        if n == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            shown = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+            return f"CUDA is not available on this machine ({version}, no GPU visible{shown})"
+        if device.index is not None and device.index >= n:
+            return f"this machine has {n} CUDA device(s): cuda:0..cuda:{n - 1}"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        built = "no Metal GPU" if torch.backends.mps.is_built() else "built without MPS"
+        return f"MPS is not available on this machine ({version}, {built})"
+    return None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

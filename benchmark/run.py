@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -503,7 +503,14 @@ def record_failure(out: Path, e: BaseException, choices: dict[str, Any], cfg: Di
 
 def check_writable(cfg: DictConfig) -> None:
     """results_dir and cache_dir are folders this process can create and write in; checked
-    before any model, data or training work (ConfigError names the key and the path)."""
+    before any model, data or training work (ConfigError names the key and the path). The test
+    writes a file (`cli_errors.unwritable`): root ignores permission bits, and a read-only
+    mount is read-only for root too.
+
+    A read-only results folder usually fails earlier, in Hydra: it writes run.log, .hydra/ and
+    (with -m) multirun.yaml into the run folders on every launch, a finished run's included,
+    so re-launching a sweep whose folder is read-only cannot simply skip its finished runs; it
+    ends with one line naming results_dir (benchmark.cli_errors)."""
     for key in ("results_dir", "cache_dir"):
         path = Path(str(cfg[key]))
         if path.exists() and not path.is_dir():
@@ -514,8 +521,33 @@ def check_writable(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"{key}={path}: cannot create this folder ({e.strerror or e})"
             ) from None
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{key}={path}: this folder is not writable")
+        why = cli_errors.unwritable(path)
+        if why is not None:
+            raise ConfigError(f"{key}={path}: this folder is not writable ({why})")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """The checks of this machine that a run needs and that take seconds at most, before the
+    SAE is built or the model loads: the config's own checks (check_run), `device` exists here
+    (cuda without CUDA, mps without Metal: models.resolve_device), and the hub sources
+    (model, data and an `hf://` sae.path) are in the local cache or the hub answers
+    (benchmark.hub.check_sources: offline fails in seconds, naming sae.path). Each failure is a
+    ConfigError of one line."""
+    check_run(cfg)
+    models.resolve_device(str(cfg.device))
+    check_sources(cfg)
+
+
+def loader_error(cfg: DictConfig, e: BaseException) -> str | None:
+    """The one-line message when the SAE loader of `sae.path` (train=none) could not read a
+    file (an OSError: permissions, a folder where a file should be, ...), else None.
+    benchmark.saes.build_sae already turns a loader's ValueError, TypeError and
+    FileNotFoundError into a ConfigError; any other exception stays a bug."""
+    cause = e.__cause__ if isinstance(e, InstantiationException) else None
+    target = str(cfg.sae.get("_target_", ""))
+    if isinstance(cause, OSError) and target and target in str(e):
+        return f"sae.path={cfg.sae.get('path')}: {cli_errors.file_error(cause)}"
+    return None
 
 
 def run_fanout(group: fanout.Group, out: Path) -> Any:
@@ -552,23 +584,37 @@ def run_fanout(group: fanout.Group, out: Path) -> Any:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    """One Hydra job. A finished run is skipped before anything else is checked (it needs no
+    device, hub or cache), then `check_writable` and `preflight` fail in seconds, before the SAE
+    is built or the model loads. A user error (ConfigError, a full disk, an SAE file its loader
+    cannot read) ends as one `error:` line and exit status 2; a bug records a failed
+    result.json and keeps its traceback. Ctrl-C is not caught here (`cli`): an interrupted run
+    is neither failed nor finished, and the same command resumes it."""
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     choices = {g: hc.runtime.choices.get(g) for g in CHOICE_GROUPS}
     group = fanout.group_for(out)
     try:
         if group is not None:
+            if not group.ran:
+                for m in group.members:
+                    if (read_result(m.out) or {}).get("status") != "complete":
+                        preflight(m.cfg)
             return run_fanout(group, out)
-        check_writable(cfg)
         done = check_folder(cfg, out)
         if done is not None:
             return done.get("delta_lm_loss")
+        check_writable(cfg)
+        preflight(cfg)
         return run(cfg, out, choices).metrics["delta_lm_loss"]
     except (ConfigError, DiskFullError) as e:  # a user error: one line, exit 2, no traceback
         if cli_errors.debug():  # HYDRA_FULL_ERROR=1: the full traceback instead
             raise
         cli_errors.fail(str(e))
     except Exception as e:
+        message = loader_error(cfg, e)
+        if message is not None and not cli_errors.debug():
+            cli_errors.fail(message)
         if group is None:
             record_failure(out, e, choices, cfg)
         raise
@@ -576,10 +622,13 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """`python -m benchmark.run [overrides]`: the Hydra app, where Hydra's own user errors (a
-    bad override, an unknown option, group or key, a run folder that cannot be created) end
-    like the suite's: one `error: ...` line on stderr and exit status 2 (benchmark.cli_errors).
-    Bugs keep their traceback and status 1; HYDRA_FULL_ERROR=1 shows every traceback."""
-    with cli_errors.one_line_errors():
+    bad override, an unknown option, group or key, a run folder that cannot be created or
+    written, a SLURM launcher without SLURM) end like the suite's: one `error: ...` line on
+    stderr and exit status 2 (benchmark.cli_errors). Ctrl-C ends with one line saying how to
+    resume and exit status 130 (no result is marked failed: the same command skips the
+    finished runs and resumes the others). Bugs keep their traceback and status 1;
+    HYDRA_FULL_ERROR=1 shows every traceback."""
+    with cli_errors.on_interrupt(cli_errors.RESUME), cli_errors.one_line_errors():
         main()
 
 

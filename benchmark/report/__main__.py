@@ -1,6 +1,13 @@
 """The command line: ``python -m benchmark.report RESULTS_DIR [--out DIR] [--latex]
 [--targets 10,20,40] [--l0-tolerance X] [--claims-l0 28,40,57]``. Prints table 1, the paper's claims judged, the
-problems and the files written."""
+problems and the files written.
+
+Errors end as one `error: ...` line on stderr and exit status 2: RESULTS_DIR missing, not a
+folder, or without any result.json (or Hydra run folder) under it; an output folder that cannot
+be written (the default RESULTS_DIR/report of a read-only results folder: use --out), checked
+before anything is computed; a file that cannot be written. A result.json that does not parse
+is not an error: it is listed under the report's problems, like a failed run. Ctrl-C: one line,
+exit status 130. HYDRA_FULL_ERROR=1 shows the tracebacks instead."""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmark import cli_errors
 from benchmark.report.load import load_results
 from benchmark.report.tables import to_markdown
 from benchmark.report.write import TABLE1_TITLE, write_report
@@ -57,13 +65,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     targets = l0_list("--targets", args.targets)
     claims_l0 = l0_list("--claims-l0", args.claims_l0)
-    df, problems = load_results(args.results_dir)
+    with cli_errors.on_interrupt("interrupted: the report may be incomplete; re-run the same "
+                                 "command"):  # fmt: skip
+        try:
+            return report(args, targets, claims_l0)
+        except OSError as e:
+            if cli_errors.debug():
+                raise
+            cli_errors.fail(cli_errors.file_error(e))
+
+
+def report(args: argparse.Namespace, targets: list[float] | None,
+           claims_l0: list[float] | None) -> int:  # fmt: skip
+    """Load, check the output folder, write and print (`main` without its error handling)."""
+    root = args.results_dir
+    if not root.exists():
+        cli_errors.fail(f"{root}: no such folder")
+    if not root.is_dir():
+        cli_errors.fail(f"{root}: not a folder (give the folder holding the runs)")
+    df, problems = load_results(root)
     if df.empty and problems.empty:
-        print(
-            f"error: no result.json or Hydra run folder under {args.results_dir}", file=sys.stderr
-        )
-        return 1
-    out = args.out or args.results_dir / "report"
+        cli_errors.fail(f"{root}: no result.json under this folder (run a sweep first, or point "
+                        "at results/<experiment>)")  # fmt: skip
+    out = args.out or root / "report"
+    why = cli_errors.unwritable(out)
+    if why is not None:
+        if args.out is None:
+            cli_errors.fail(f"{root}: cannot write the report into {out} ({why}); give a "
+                            "writable folder with --out DIR")  # fmt: skip
+        cli_errors.fail(f"--out {out}: cannot write the report here ({why})")
     table, written, notes = write_report(
         df, problems, out, targets, args.latex, args.l0_tolerance, claims_l0
     )
