@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from baselines.base import SparseAutoencoder
@@ -39,6 +38,7 @@ from baselines.foreign import (
     fold_input_bias,
     fresh,
     jumprelu_threshold,
+    load_plain,
     local_files,
     reading,
     record_source,
@@ -79,7 +79,7 @@ def load_dictionary_learning(
             raise ValueError(f"{dict_class} is {arch}, but sae.architecture={architecture}")
     with reading(ae_file, "dictionary_learning ae.pt"):
         # Tensors and plain containers only: a pickled object (code) is refused, never run.
-        state = torch.load(ae_file, map_location="cpu", weights_only=True)
+        state = load_plain(ae_file)
         state = state.get("ae", state)  # a mid-training backup nests the state dict under "ae"
         w = {name: t.float() for name, t in state.items() if name != "k"}
         tensors = _suite_tensors(arch, w)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -115,6 +116,15 @@ def reading(file: str | Path, what: str) -> Iterator[None]:
         if isinstance(e, ValueError) and not isinstance(e, pickle.UnpicklingError):
             raise ValueError(text if str(file) in text else f"{file}: {text}") from None
         raise ValueError(f"{file}: not a readable {what} ({type(e).__name__}: {text})") from None
+
+
+def load_plain(file: str | Path) -> Any:
+    """`torch.load(weights_only=True)` onto the CPU: tensors, numbers, strings and containers;
+    any other pickled object raises UnpicklingError and nothing runs. Torch's warning about a
+    pickle protocol it did not write is silenced (the refusal itself says what was wrong)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def safetensors_shapes(file: str | Path) -> dict[str, tuple[int, ...]]:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from baselines.base import SparseAutoencoder
-from baselines.foreign import PARSE_ERRORS, refusal
+from baselines.foreign import PARSE_ERRORS, load_plain, refusal
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
 from benchmark.progress import Progress, progress
@@ -373,7 +373,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         "tensors and numbers)"
     )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_plain(path)
     except PARSE_ERRORS as e:  # a pickled object outside the allow-list, or a damaged file
         raise ConfigError(f"{refuse} ({refusal(e)}); set rerun=true to train this run from "
                           "scratch (or delete the file)") from None  # fmt: skip
