@@ -1,16 +1,31 @@
-"""Files written atomically (fileio.atomic_write) or exported (benchmark.export) get the
-mode a plain `open` gives under the umask.
+"""result.json is moved aside (result.<time>.json) only when it is complete (a rerun), and
+files written atomically (fileio.atomic_write) or exported (benchmark.export) get the mode a
+plain `open` gives under the umask.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
 import pytest
 
 from benchmark import fileio
+from benchmark.results import read_result, write_result
 from tests.helpers import compose_config, sae_from_conf
+
+
+def test_a_complete_record_is_moved_aside_only_by_a_rerun_and_a_failed_one_is_replaced(tmp_path):
+    write_result(tmp_path, {"status": "failed", "error": "boom", "time": "2026-01-01T00:00:00"})
+    write_result(tmp_path, {"status": "complete", "time": "2026-01-02T00:00:00"})
+    assert read_result(tmp_path) == {"status": "complete", "time": "2026-01-02T00:00:00"}
+    assert list(tmp_path.glob("result.*.json")) == []
+    write_result(tmp_path, {"status": "complete", "time": "2026-01-03T00:00:00"})  # rerun=true
+    assert read_result(tmp_path) == {"status": "complete", "time": "2026-01-03T00:00:00",
+                                     "replaces": "result.2026-01-02T000000.json"}  # fmt: skip
+    (kept,) = tmp_path.glob("result.*.json")
+    assert json.loads(kept.read_text())["time"] == "2026-01-02T00:00:00"
 
 
 @pytest.mark.parametrize(
