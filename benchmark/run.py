@@ -10,6 +10,15 @@ A folder that already holds a complete result.json of the same config is skipped
 interrupted sweep, re-launched with the same command, resumes where it stopped; a result from
 other code is reused with a warning); `rerun=true` re-runs it and keeps the old result beside
 the new. Training checkpoints (train.checkpoint_every) resume a killed run in the same folder.
+
+One process per run folder: a job claims its folder with a file lock (`claim`: <folder>/.run.lock,
+flock, released by the OS when the process dies, so a killed run never blocks the next) for its
+training and evaluation, in every launcher (a fan-out group claims its members' folders in sorted
+order). A job that finds its folder claimed by another process does not wait: it logs one line
+(`[<folder>] being run by another process: skipped`) and returns nothing, so the same sweep
+started twice shares the work instead of doing it twice; re-launch after the other process ends
+to pick up anything it failed. A run refused by a pre-run check (ConfigError before it started)
+leaves no folder behind (`remove_unused`).
 Every check that needs no model or data (`plan_run`, `check_writable`) runs before the first
 heavy step. A user error prints one line (`error: ...`) and exits with status 2, whether the
 suite finds it (ConfigError) or Hydra does before the job (`sae=nope`, a bad override: `cli`,
@@ -22,8 +31,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +43,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -50,6 +63,7 @@ from benchmark.validate import check_run, dictionary_size, evaluate_only, site_w
 
 log = logging.getLogger("benchmark.run")
 CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
+RUN_LOCK = ".run.lock"  # in the run folder: held by the process training and evaluating it
 
 
 class LazyModel:
@@ -520,34 +534,108 @@ def check_writable(cfg: DictConfig) -> None:
 
 def run_fanout(group: fanout.Group, out: Path) -> Any:
     """The return value of the job writing to `out`, a member of a fan-out group: the group's
-    first job runs every member that is not already complete (`run_group`); the others return
-    what it computed. A failure marks every unfinished member failed, and each of the group's
-    jobs reports it."""
+    first job claims every member's folder (`claim`) and runs the members that are not already
+    complete (`run_group`); the others return what it computed (None for a member another
+    process is running). A failure marks every unfinished member failed, and each of the
+    group's jobs reports it."""
     if not group.ran:
         group.ran = True
-        todo = []
-        for m in group.members:
+        with claim(group.members) as mine:
+            _run_claimed(group, mine)
+    if group.error is not None:
+        raise RuntimeError(f"its fan-out group {group.key[:8]} failed: {group.error}")
+    return group.values.get(str(out))
+
+
+def run_alone(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> Any:
+    """The return value of a job that runs alone (a single run, the basic launcher's jobs, a
+    joblib or submitit process): a fan-out group of one."""
+    return run_fanout(fanout.Group("", [Member(cfg, out, choices)]), out)
+
+
+def _run_claimed(group: fanout.Group, mine: list[Member]) -> None:
+    """Run the members whose folders this process holds; the failed record of a failure and
+    the removal of a refused run's folder happen under the lock."""
+    todo: list[Member] = []
+    try:
+        for m in mine:
             check_writable(m.cfg)
             done = check_folder(m.cfg, m.out)
             if done is not None:
                 group.values[str(m.out)] = done.get("delta_lm_loss")
             else:
                 todo.append(m)
-        try:
-            if todo:
-                key = group.key if len(todo) > 1 else None
-                for m, record in zip(todo, run_group(todo, key), strict=True):
-                    group.values[str(m.out)] = record.metrics["delta_lm_loss"]
-        except (ConfigError, DiskFullError):
-            raise
-        except Exception as e:
-            group.error = f"{type(e).__name__}: {e}"
-            for m in todo:
-                record_failure(m.out, e, m.choices, m.cfg)
-            raise
-    if group.error is not None:
-        raise RuntimeError(f"its fan-out group {group.key[:8]} failed: {group.error}")
-    return group.values.get(str(out))
+        if todo:
+            key = group.key if len(todo) > 1 else None
+            for m, record in zip(todo, run_group(todo, key), strict=True):
+                group.values[str(m.out)] = record.metrics["delta_lm_loss"]
+    except ConfigError:
+        for m in mine:  # refused before it started: leave no empty folder behind
+            remove_unused(m.out)
+        raise
+    except DiskFullError:
+        raise
+    except Exception as e:
+        group.error = f"{type(e).__name__}: {e}"
+        for m in todo:
+            record_failure(m.out, e, m.choices, m.cfg)
+        raise
+
+
+@contextmanager
+def claim(members: list[Member]) -> Iterator[list[Member]]:
+    """Lock the members' run folders (<folder>/.run.lock, in sorted order) for as long as the
+    context lasts; yields the members this process holds, in launch order. A folder locked by
+    another process is not waited for: one line says so and the member is left out (that
+    process trains and evaluates it; a complete result is then skipped by check_folder). The
+    locks are flock locks: the OS releases them when their process ends, killed or not, so a
+    stale lock never blocks a later run. A job listed twice (same folder) is claimed once."""
+    held: dict[str, Member] = {}
+    with ExitStack() as stack:
+        for m in sorted(members, key=lambda m: str(m.out)):
+            if str(m.out) in held:
+                continue
+            lock = FileLock(str(m.out / RUN_LOCK))  # makes the folder if it is missing
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("[%s] being run by another process: skipped", m.out.name)
+                continue
+            stack.callback(lock.release)
+            held[str(m.out)] = m
+        yield [m for m in members if held.get(str(m.out)) is m]
+
+
+def _job_log() -> str:
+    """The file name of Hydra's per-job log (hydra/job_logging: <job name>.log)."""
+    try:
+        return f"{HydraConfig.get().job.name}.log"
+    except ValueError:  # no Hydra job (the Python API)
+        return "run.log"
+
+
+def remove_unused(out: Path) -> bool:
+    """Remove the run folder `out` if it holds nothing of a run: only what Hydra writes when a
+    job starts (.hydra/, the job's log) and the run lock. Called under the folder's lock, for a
+    run refused by a pre-run check. A folder that holds anything else (config.yaml, a
+    checkpoint, the SAE, a result, a file of the user's) is never removed."""
+    allowed = {".hydra", RUN_LOCK, _job_log(), "run.log"}
+    try:
+        entries = list(out.iterdir())
+    except OSError:
+        return False
+    if any(e.name not in allowed or (e.name == ".hydra") != e.is_dir() for e in entries):
+        return False
+    shutil.rmtree(out / ".hydra", ignore_errors=True)
+    for e in entries:
+        if e.name != ".hydra":
+            e.unlink(missing_ok=True)
+    try:
+        out.rmdir()
+    except OSError:  # something appeared meanwhile: leave it
+        return False
+    log.debug("[%s] refused before it started: folder removed", out.name)
+    return True
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -559,19 +647,11 @@ def main(cfg: DictConfig) -> float | None:
     try:
         if group is not None:
             return run_fanout(group, out)
-        check_writable(cfg)
-        done = check_folder(cfg, out)
-        if done is not None:
-            return done.get("delta_lm_loss")
-        return run(cfg, out, choices).metrics["delta_lm_loss"]
+        return run_alone(cfg, out, choices)  # its failure is recorded there, under the lock
     except (ConfigError, DiskFullError) as e:  # a user error: one line, exit 2, no traceback
         if cli_errors.debug():  # HYDRA_FULL_ERROR=1: the full traceback instead
             raise
         cli_errors.fail(str(e))
-    except Exception as e:
-        if group is None:
-            record_failure(out, e, choices, cfg)
-        raise
 
 
 def cli() -> None:

@@ -1,19 +1,147 @@
-"""result.json is moved aside (result.<time>.json) only when it is complete (a rerun), and
-files written atomically (fileio.atomic_write) or exported (benchmark.export) get the mode a
-plain `open` gives under the umask.
+"""One process per run folder (benchmark.run.claim), no folder left by a refused run
+(remove_unused), result.json kept aside only for a rerun, and files written with the umask's
+mode (fileio.atomic_write, benchmark.export). No model: the run itself is replaced where it
+would start.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from benchmark import fileio
+import benchmark.run as run_mod
+from benchmark import fanout, fileio
+from benchmark.errors import ConfigError
 from benchmark.results import read_result, write_result
-from tests.helpers import compose_config, sae_from_conf
+from benchmark.run import RUN_LOCK, Member, claim, run_alone, run_fanout
+from tests.helpers import ROOT, compose_config, sae_from_conf
+
+HOLD = (  # a process that takes a run folder's lock and keeps it until it is killed
+    "import sys, time\nfrom filelock import FileLock\n"
+    "lock = FileLock(sys.argv[1]); lock.acquire()\nprint('held', flush=True)\ntime.sleep(600)\n"
+)
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder / RUN_LOCK)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return compose_config([f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}",
+                           "sae=topk", "sparsity=l0_10", *overrides])  # fmt: skip
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    """run_group replaced: records which folders it was asked to run, writes their results."""
+    calls: list[list[str]] = []
+
+    def run_group(members, group=None):
+        calls.append([m.out.name for m in members])
+        for m in members:
+            write_result(m.out, {"status": "complete", "delta_lm_loss": 0.5})
+        return [SimpleNamespace(metrics={"delta_lm_loss": 0.5}) for _ in members]
+
+    monkeypatch.setattr(run_mod, "run_group", run_group)
+    return calls
+
+
+def test_a_folder_held_by_another_process_is_skipped_until_that_process_dies(
+    tmp_path, fake_run, caplog
+):
+    cfg, out = _cfg(tmp_path), tmp_path / "run"
+    holder = _holder(out)
+    try:
+        with caplog.at_level(logging.INFO, "benchmark.run"):
+            assert run_alone(cfg, out, {}) is None  # skipped at once, not waited for
+    finally:
+        holder.kill()  # SIGKILL: no release by the holder; the OS drops its flock
+        holder.wait(timeout=30)
+    assert fake_run == []
+    skipped = [r.getMessage() for r in caplog.records if "another process" in r.getMessage()]
+    assert skipped == ["[run] being run by another process: skipped"]
+    assert not (out / "result.json").exists()
+    # the holder was killed: its lock is free, the run is computed once, then skipped
+    assert run_alone(cfg, out, {}) == 0.5
+    assert run_alone(cfg, out, {}) == 0.5
+    assert fake_run == [["run"]]
+    assert list(out.glob("result.*.json")) == []
+
+
+def test_a_group_runs_only_the_members_it_could_claim(tmp_path, fake_run):
+    cfg = _cfg(tmp_path)
+    members = [Member(cfg, tmp_path / name, {}) for name in ("c", "a", "b")]
+    group = fanout.Group("k", members)
+    holder = _holder(tmp_path / "a")
+    try:
+        assert run_fanout(group, tmp_path / "c") == 0.5
+        assert run_fanout(group, tmp_path / "a") is None  # the other process's
+        assert run_fanout(group, tmp_path / "b") == 0.5
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert fake_run == [["c", "b"]]  # launch order, one group of the two claimed
+    assert not (tmp_path / "a" / "result.json").exists()
+
+
+def test_claims_are_released_and_a_job_listed_twice_is_claimed_once(tmp_path):
+    cfg = _cfg(tmp_path)
+    a, again, b = (Member(cfg, tmp_path / n, {}) for n in ("a", "a", "b"))
+    with claim([b, a, again]) as mine:
+        assert mine == [b, a]
+        with claim([a]) as inner:  # held (here by this same process): not claimed twice
+            assert inner == []
+    with claim([a, b]) as mine:  # released on exit
+        assert mine == [a, b]
+
+
+def test_a_refused_run_leaves_no_folder_and_the_report_lists_nothing(tmp_path):
+    from benchmark.report.load import load_results
+
+    root = tmp_path / "exp"
+    bad = _cfg(tmp_path, "sparsity.target_l0=100000")  # refused by plan_run (check_run)
+    lead, member, kept = root / "lead", root / "member", root / "kept"
+    (lead / ".hydra").mkdir(parents=True)  # what Hydra writes when a job starts
+    (lead / ".hydra" / "config.yaml").write_text("x: 1\n")
+    (lead / "run.log").write_text("")
+    (kept / ".hydra").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")  # a folder holding anything else stays
+    group = fanout.Group("k", [Member(bad, p, {}) for p in (lead, member, kept)])
+    with pytest.raises(ConfigError, match=r"sparsity\.target_l0=100000 must be in \[1, d_sae="):
+        run_fanout(group, lead)
+    assert sorted(p.name for p in root.iterdir()) == ["kept"]
+    assert sorted(p.name for p in kept.iterdir()) == [".hydra", ".run.lock", "notes.txt"]
+    (kept / ".hydra").rmdir()  # the report lists a folder with .hydra and no result
+    _, problems = load_results(root)
+    assert problems.empty
+    single = root / "single"
+    (single / ".hydra").mkdir(parents=True)
+    with pytest.raises(ConfigError):
+        run_alone(bad, single, {})
+    assert not single.exists()
+
+
+def test_a_refused_cli_run_leaves_no_folder(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.run", "+experiment=smoke", "hydra.mode=RUN",
+         "sparsity.target_l0=100000", f"results_dir={tmp_path}", f"cache_dir={ROOT / '.cache'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: sparsity.target_l0=100000 must be in [1, d_sae=" in proc.stderr
+    assert [p.name for p in (tmp_path / "smoke").iterdir()] == []
 
 
 def test_a_complete_record_is_moved_aside_only_by_a_rerun_and_a_failed_one_is_replaced(tmp_path):
