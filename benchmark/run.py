@@ -17,8 +17,10 @@ training and evaluation, in every launcher (a fan-out group claims its members' 
 order). A job that finds its folder claimed by another process does not wait: it logs one line
 (`[<folder>] being run by another process: skipped`) and returns nothing, so the same sweep
 started twice shares the work instead of doing it twice; re-launch after the other process ends
-to pick up anything it failed. A run refused by a pre-run check (ConfigError before it started)
-leaves no folder behind (`remove_unused`).
+to pick up anything it failed. Each member of a fan-out group also gets its own lines in its own
+run.log (`member_logs`). A run refused by a pre-run check (ConfigError before it started) leaves
+no folder behind (`remove_unused`).
+
 Every check that needs no model or data (`plan_run`, `check_writable`) runs before the first
 heavy step. A user error prints one line (`error: ...`) and exits with status 2, whether the
 suite finds it (ConfigError) or Hydra does before the job (`sae=nope`, a bad override: `cli`,
@@ -235,6 +237,13 @@ def run_group(members: list[Member], group: str | None = None) -> list[ResultRec
     plans = [plan_run(m.cfg) for m in members]
     for m in members:
         check_sources(m.cfg)  # hub sources: available offline or reachable, in seconds
+    with member_logs(members):
+        return _run_group(members, plans, group, t_start)
+
+
+def _run_group(
+    members: list[Member], plans: list[Plan], group: str | None, t_start: float
+) -> list[ResultRecord]:
     lead = members[0]
     device = models.resolve_device(lead.cfg.device)
     for m in members:
@@ -636,6 +645,55 @@ def remove_unused(out: Path) -> bool:
         return False
     log.debug("[%s] refused before it started: folder removed", out.name)
     return True
+
+
+class _NamesMember(logging.Filter):
+    """Passes the lines that name `name` (`[<folder name>] ...`) and the lines that name no
+    member of the group (shared: progress, cache locks)."""
+
+    def __init__(self, name: str, names: set[str]) -> None:
+        super().__init__()
+        self.own, self.others = f"[{name}]", tuple(f"[{n}]" for n in names if n != name)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return msg.startswith(self.own) or not msg.startswith(self.others)
+
+
+@contextmanager
+def member_logs(members: list[Member]) -> Iterator[None]:
+    """Each member's log lines also in its own run.log while its group runs. Hydra's job log
+    (hydra/job_logging: a file handler on the root logger, <job folder>/<job name>.log) is the
+    running job's; in a fan-out group the first job runs every member, so without this every
+    member's lines would be in the first job's log only. A member whose log already has a
+    handler (the running job's own) gets none; a member's file gets the lines naming it and
+    the lines naming no member (`_NamesMember`)."""
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    have = {os.path.abspath(h.baseFilename) for h in files}
+    folders = {os.path.abspath(m.out) for m in members}
+    job = next((h for h in files if os.path.dirname(h.baseFilename) in folders), None)
+    fmt = (job.formatter if job is not None else None) or logging.Formatter(
+        "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default
+    )
+    names = {m.out.name for m in members}
+    added = []
+    for m in members:
+        path = os.path.abspath(m.out / _job_log())
+        if path in have:
+            continue
+        have.add(path)
+        handler = logging.FileHandler(path, delay=True)
+        handler.setFormatter(fmt)
+        handler.addFilter(_NamesMember(m.out.name, names))
+        root.addHandler(handler)
+        added.append(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

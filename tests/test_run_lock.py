@@ -1,7 +1,9 @@
-"""One process per run folder (benchmark.run.claim), no folder left by a refused run
-(remove_unused), result.json kept aside only for a rerun, and files written with the umask's
-mode (fileio.atomic_write, benchmark.export). No model: the run itself is replaced where it
-would start.
+"""One process per run folder (benchmark.run.claim), each job's lines in its own run.log
+(member_logs), no folder left by a refused run (remove_unused), result.json kept aside only
+for a rerun, and files written with the umask's mode (fileio.atomic_write, benchmark.export).
+
+The unit tests need no model (the run itself is replaced where it would start); the one marked
+integration starts two identical sweeps together as two processes on the real bundled model.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -21,7 +24,7 @@ import benchmark.run as run_mod
 from benchmark import fanout, fileio
 from benchmark.errors import ConfigError
 from benchmark.results import read_result, write_result
-from benchmark.run import RUN_LOCK, Member, claim, run_alone, run_fanout
+from benchmark.run import RUN_LOCK, Member, claim, member_logs, run_alone, run_fanout
 from tests.helpers import ROOT, compose_config, sae_from_conf
 
 HOLD = (  # a process that takes a run folder's lock and keeps it until it is killed
@@ -156,6 +159,40 @@ def test_a_complete_record_is_moved_aside_only_by_a_rerun_and_a_failed_one_is_re
     assert json.loads(kept.read_text())["time"] == "2026-01-02T00:00:00"
 
 
+def test_each_member_gets_its_own_lines_in_its_own_run_log(tmp_path):
+    members = [Member(None, tmp_path / n, {}) for n in ("lead", "m1", "m2")]  # type: ignore[arg-type]
+    for m in members:
+        m.out.mkdir()
+    root = logging.getLogger()
+    hydra_file = logging.FileHandler(tmp_path / "lead" / "run.log")  # the running job's log
+    hydra_file.setFormatter(logging.Formatter("H %(levelname)s %(message)s"))
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(hydra_file)
+    n_handlers = len(root.handlers)
+    log = logging.getLogger("benchmark.run")
+    try:
+        with member_logs(members):
+            for name in ("lead", "m1", "m2"):
+                log.info("[%s] train", name)
+            logging.getLogger("benchmark.train").info("step 8/16")  # names no member: shared
+            log.info("[m2] done in 3s")
+        log.info("[m1] after the group")  # the member handlers are gone
+        assert len(root.handlers) == n_handlers
+    finally:
+        root.removeHandler(hydra_file)
+        hydra_file.close()
+        root.setLevel(old_level)
+    lines = {m.out.name: (m.out / "run.log").read_text().splitlines() for m in members}
+    # the running job's log is Hydra's handler's, unchanged (no line twice); the others get
+    # their own lines and the shared ones, in the job log's format
+    assert lines["lead"] == ["H INFO [lead] train", "H INFO [m1] train", "H INFO [m2] train",
+                             "H INFO step 8/16", "H INFO [m2] done in 3s",
+                             "H INFO [m1] after the group"]  # fmt: skip
+    assert lines["m1"] == ["H INFO [m1] train", "H INFO step 8/16"]
+    assert lines["m2"] == ["H INFO [m2] train", "H INFO step 8/16", "H INFO [m2] done in 3s"]
+
+
 @pytest.mark.parametrize(
     "umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"]
 )
@@ -182,3 +219,34 @@ def test_written_and_exported_files_have_the_umask_s_mode(tmp_path, umask, mode)
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {
         n: oct(mode) for n in names
     }
+
+
+# ---- the real model ----------------------------------------------------------------------------
+
+TINY = ["+experiment=smoke", "progress=false", "eval.n_activation_tokens=1024",
+        "data.n_eval_tokens=256", "eval.kl_div=false"]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_two_identical_sweeps_started_together_compute_each_run_once(tmp_path):
+    cmd = [sys.executable, "-m", "benchmark.run", "-m", *TINY, "sae=topk",
+           "sparsity=l0_10,l0_20", f"results_dir={tmp_path}", f"cache_dir={ROOT / '.cache'}"]  # fmt: skip
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    both = "\n".join(outs)
+    folders = sorted(p for p in (tmp_path / "smoke").iterdir() if p.is_dir())
+    assert len(folders) == 2
+    for folder in folders:
+        name = folder.name
+        # computed by exactly one of the two processes; the other skipped it
+        assert both.count(f"[{name}] done in") == 1, both[-3000:]
+        assert len(re.findall(rf"\[{name}\] train TopKSAE", both)) == 1
+        skipped = both.count(f"[{name}] being run by another process: skipped")
+        assert skipped + both.count(f"[{name}] already complete") == 1, both[-3000:]
+        record = read_result(folder)
+        assert record is not None and record["status"] == "complete"
+        assert "replaces" not in record and list(folder.glob("result.*.json")) == []
+        # its own lines in its own run.log, whichever job or process ran it
+        assert (folder / "run.log").read_text().count(f"[{name}] done in") == 1
