@@ -9,7 +9,9 @@ A run's folder is named by its config (benchmark/identity.py), single run or swe
 A folder that already holds a complete result.json of the same config is skipped (so an
 interrupted sweep, re-launched with the same command, resumes where it stopped; a result from
 other code is reused with a warning); `rerun=true` re-runs it and keeps the old result beside
-the new. Training checkpoints (train.checkpoint_every) resume a killed run in the same folder.
+the new. Training checkpoints (train.checkpoint_every) resume a killed run in the same folder;
+a run killed after its SAE was saved (sae.safetensors, then trained.json) resumes at the
+evaluation, with the record an uninterrupted run writes.
 
 One process per run folder: a job claims its folder with a file lock (`claim`: <folder>/.run.lock,
 flock, released by the OS when the process dies, so a killed run never blocks the next) for its
@@ -30,6 +32,7 @@ every traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -40,6 +43,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import hydra
@@ -55,17 +59,20 @@ from baselines.foreign import source_of, suite_node
 from benchmark import activations, cli_errors, data, fanout, identity, models
 from benchmark.errors import ConfigError
 from benchmark.evaluate import activation_metrics, evaluate_group
-from benchmark.fileio import DiskFullError
+from benchmark.fileio import DiskFullError, write_json_atomic
 from benchmark.hub import check_sources
 from benchmark.metrics import METRICS_VERSION, definitions
 from benchmark.results import ResultRecord, git_commit, provenance, read_result, write_result
-from benchmark.saes import build_sae, load_sae, sae_node, save_sae
+from benchmark.saes import CONFIG, WEIGHTS, build_sae, load_sae, sae_node, save_sae
 from benchmark.train import Sparsity, TrainConfig, Trainer, TrainResult, train_group, write_history
 from benchmark.validate import check_run, dictionary_size, evaluate_only, site_width
 
 log = logging.getLogger("benchmark.run")
 CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
 RUN_LOCK = ".run.lock"  # in the run folder: held by the process training and evaluating it
+# Written (atomically) after the trained SAE and history.csv: the training is finished and a
+# re-run evaluates the saved SAE. Holds what the record needs from the training.
+TRAINED = "trained.json"
 
 
 class LazyModel:
@@ -136,6 +143,7 @@ class Trained:
     activation_cache: str
     logger: Any = None  # finished once the result is written
     store: Any = None  # the training activations (None: evaluate-only)
+    loaded: bool = False  # trained by an earlier process: the SAE and this come from the folder
 
 
 @dataclass
@@ -153,13 +161,16 @@ def train_stage(
     members: list[Member], plans: list[Plan], model: LazyModel, group: str | None
 ) -> list[Trained]:
     """Train every member's SAE: one harvest for all their sites (one model pass), then all
-    SAEs in lockstep on the same batches (`train_group`; one SAE is a group of one)."""
+    SAEs in lockstep on the same batches (`train_group`; one SAE is a group of one). A member
+    whose folder holds a finished training (`load_trained`) is not trained again."""
     trained: list[Trained | None] = [None] * len(members)
     todo = []
     for i, (m, plan) in enumerate(zip(members, plans, strict=True)):
         if plan.train is None or plan.sparsity is None:  # evaluate-only: raw activations
             save_sae(plan.sae, m.out, plan.node)
             trained[i] = Trained(None, 1.0, "")
+        elif (done := load_trained(m, plan)) is not None:
+            trained[i] = done
         else:
             todo.append(i)
     if todo:
@@ -217,8 +228,56 @@ def train_stage(
             write_history(m.out / "history.csv", result.history)
             plan.sae.fold_scale(store.norm_scale)
             save_sae(plan.sae, m.out, plan.node)
-            trained[i] = Trained(result, store.norm_scale, str(store.key), logger, store)
+            t = Trained(result, store.norm_scale, str(store.key), logger, store)
+            assert plan.train is not None
+            if result.steps >= plan.train.total_steps:  # finished (a test's stop_after ends early)
+                write_trained(m.out, t)  # last: the folder now holds a finished training
+            trained[i] = t
     return [t for t in trained if t is not None]
+
+
+def write_trained(out: Path, t: Trained) -> None:
+    """trained.json: what the record needs from a finished training (written after the SAE)."""
+    assert t.result is not None
+    write_json_atomic(out / TRAINED, {
+        "norm_scale": t.norm_scale, "activation_cache": t.activation_cache,
+        "train_max_norm": getattr(t.store, "max_norm", None),
+        "train_excluded": getattr(t.store, "n_excluded", None),
+        "train": {k: v for k, v in t.result.as_dict().items() if k != "history"},
+    })  # fmt: skip
+
+
+def load_trained(m: Member, plan: Plan) -> Trained | None:
+    """The finished training of a run killed after its SAE was saved (trained.json, written
+    after sae.safetensors, sae_config.yaml and history.csv), with the saved SAE in plan.sae (on
+    plan.sae's device): the run goes straight to its evaluation, and its record is the one an
+    uninterrupted run writes. None (train) without it, with rerun=true, or when the saved SAE
+    does not load or is not this plan's (a warning says so)."""
+    file = m.out / TRAINED
+    if m.cfg.get("rerun", False) or not file.is_file():
+        return None
+    assert plan.train is not None
+    try:
+        saved = json.loads(file.read_text())
+        if not ((m.out / WEIGHTS).is_file() and (m.out / CONFIG).is_file()):
+            raise FileNotFoundError(f"{WEIGHTS} or {CONFIG} is missing")
+        sae = load_sae(m.out, next(plan.sae.parameters()).device)
+        if (type(sae), sae.d_in, sae.d_sae) != (type(plan.sae), plan.d_in, plan.d_sae):
+            raise ValueError(f"the saved SAE is a {type(sae).__name__} {sae.d_in}x{sae.d_sae}")
+        result = TrainResult(**saved["train"], history=[])
+        if result.steps < plan.train.total_steps:
+            raise ValueError(f"{result.steps} of {plan.train.total_steps} steps")
+    except Exception as e:  # noqa: BLE001
+        log.warning("[%s] %s unusable (%s: %s): training again", m.out.name, TRAINED,
+                    type(e).__name__, e)  # fmt: skip
+        return None
+    plan.sae = sae
+    store = SimpleNamespace(max_norm=saved["train_max_norm"], n_excluded=saved["train_excluded"])
+    logger = instantiate(m.cfg.logger)  # the evaluation's metrics still reach the logger
+    logger.start(OmegaConf.to_container(m.cfg, resolve=True), m.out.name, str(m.out))
+    stage(f"trained already ({WEIGHTS}, {TRAINED}): evaluating the saved SAE", m.out)
+    return Trained(result, float(saved["norm_scale"]), str(saved["activation_cache"]), logger,
+                   store, loaded=True)  # fmt: skip
 
 
 def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
@@ -266,7 +325,8 @@ def _run_group(
     held_out = without_outliers(lead.cfg, held_out)
     clock.lap("harvest")  # the held-out set; the training split's harvest is timed below
     trained = train_stage(members, plans, model, group)
-    clock.split("harvest", "train", [t.result.seconds for t in trained if t.result is not None])
+    clock.split("harvest", "train",
+                [t.result.seconds for t in trained if t.result is not None and not t.loaded])  # fmt: skip
 
     stage("evaluate", lead.out)
     act = []
@@ -384,6 +444,7 @@ def _after_result(out: Path, logger: Any, metrics: dict[str, Any]) -> None:
     one: a failure is logged as a warning and the complete record stays."""
     try:
         (out / "checkpoint.pt").unlink(missing_ok=True)  # the weights are saved; free the space
+        (out / TRAINED).unlink(missing_ok=True)  # the record holds it now
         (out / activations.StreamingStore.STATE_FILE).unlink(missing_ok=True)  # and a stream's
         if logger is not None:
             logger.finish(metrics)

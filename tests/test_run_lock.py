@@ -1,9 +1,11 @@
 """One process per run folder (benchmark.run.claim), each job's lines in its own run.log
-(member_logs), no folder left by a refused run (remove_unused), result.json kept aside only
-for a rerun, and files written with the umask's mode (fileio.atomic_write, benchmark.export).
+(member_logs), a kill after the SAE was saved resuming at the evaluation (trained.json), no
+folder left by a refused run (remove_unused), result.json kept aside only for a rerun, and
+files written with the umask's mode (fileio.atomic_write, benchmark.export).
 
-The unit tests need no model (the run itself is replaced where it would start); the one marked
-integration starts two identical sweeps together as two processes on the real bundled model.
+The unit tests need no model (the run itself is replaced where it would start); the two marked
+integration run the real bundled model: a kill-and-resume in-process, and two identical sweeps
+started together as two processes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import benchmark.run as run_mod
 from benchmark import fanout, fileio
 from benchmark.errors import ConfigError
 from benchmark.results import read_result, write_result
-from benchmark.run import RUN_LOCK, Member, claim, member_logs, run_alone, run_fanout
+from benchmark.run import RUN_LOCK, TRAINED, Member, claim, member_logs, run_alone, run_fanout
 from tests.helpers import ROOT, compose_config, sae_from_conf
 
 HOLD = (  # a process that takes a run folder's lock and keeps it until it is killed
@@ -225,6 +227,74 @@ def test_written_and_exported_files_have_the_umask_s_mode(tmp_path, umask, mode)
 
 TINY = ["+experiment=smoke", "progress=false", "eval.n_activation_tokens=1024",
         "data.n_eval_tokens=256", "eval.kl_div=false"]  # fmt: skip
+TRAIN_FIELDS = ("train_l0", "train_tokens", "train_frac_dead", "coefficient", "dead_window_tokens",
+                "resumed_from_step", "norm_scale", "activation_cache", "history_file",
+                "train_seconds", "train_tokens_per_s", "peak_memory_mb")  # fmt: skip
+METRICS = ("l0", "fvu", "frac_dead", "clean_ce_loss", "spliced_ce_loss", "zero_ce_loss",
+           "delta_lm_loss", "ce_loss_recovered", "splice_l0", "n_activation_tokens",
+           "n_lm_tokens", "frac_freq_over_1pct", "frac_freq_over_10pct")  # fmt: skip
+
+
+class Killed(BaseException):
+    """A kill: nothing is recorded (a SIGKILL leaves no failed record either)."""
+
+
+@pytest.mark.integration
+def test_a_run_killed_after_its_sae_was_saved_resumes_at_the_evaluation(tmp_path, monkeypatch):
+    cfg = compose_config([*TINY, "sae=topk", "sparsity=l0_10", f"results_dir={tmp_path}",
+                          f"cache_dir={ROOT / '.cache'}"])  # fmt: skip
+    choices = {"sae": "topk", "sparsity": "l0_10"}
+    whole = run_mod.run_alone(cfg, tmp_path / "whole", choices)  # uninterrupted
+    reference = read_result(tmp_path / "whole")
+    assert reference is not None and reference["delta_lm_loss"] == whole
+    assert not (tmp_path / "whole" / TRAINED).exists()  # the record holds it now
+
+    killed = tmp_path / "killed"
+    trained = []
+    train_group = run_mod.train_group
+
+    def recording(*a, **k):
+        trained.extend(train_group(*a, **k))
+        return trained
+
+    def kill(*a, **k):
+        raise Killed
+
+    with monkeypatch.context() as mp:
+        mp.setattr(run_mod, "train_group", recording)
+        mp.setattr(run_mod, "evaluate_stage", kill)
+        with pytest.raises(Killed):
+            run_mod.run_alone(cfg, killed, choices)
+    assert len(trained) == 1 and not (killed / "result.json").exists()
+    assert {"sae.safetensors", "sae_config.yaml", "history.csv", TRAINED} <= {
+        p.name for p in killed.iterdir()
+    }
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    splits = []
+    stores = run_mod.activations.get_activation_stores
+
+    def harvest(model, c, split, **k):
+        splits.append(split)
+        return stores(model, c, split, **k)
+
+    monkeypatch.setattr(run_mod, "train_group", no_training)
+    monkeypatch.setattr(run_mod.activations, "get_activation_stores", harvest)
+    assert run_mod.run_alone(cfg, killed, choices) == whole
+    assert splits == ["eval"]  # not even the training split was opened
+    resumed = read_result(killed)
+    assert resumed is not None and resumed["status"] == "complete"
+    for key in METRICS:
+        assert resumed[key] == reference[key], key
+    for key in TRAIN_FIELDS[:9]:  # the training's numbers: those of an uninterrupted run
+        assert resumed[key] == reference[key], key
+    t = trained[0]  # its cost: that of the training the kill interrupted
+    assert (resumed["train_seconds"], resumed["train_tokens_per_s"],
+            resumed["peak_memory_mb"]) == (t.seconds, t.tokens_per_s, t.peak_memory_mb)  # fmt: skip
+    assert "replaces" not in resumed and list(killed.glob("result.*.json")) == []
+    assert not (killed / TRAINED).exists()
 
 
 @pytest.mark.integration
