@@ -118,13 +118,16 @@ def reading(file: str | Path, what: str) -> Iterator[None]:
         raise ValueError(f"{file}: not a readable {what} ({type(e).__name__}: {text})") from None
 
 
-def load_plain(file: str | Path) -> Any:
+def load_plain(file: str | Path, mmap: bool = False) -> Any:
     """`torch.load(weights_only=True)` onto the CPU: tensors, numbers, strings and containers;
-    any other pickled object raises UnpicklingError and nothing runs. Torch's warning about a
-    pickle protocol it did not write is silenced (the refusal itself says what was wrong)."""
+    any other pickled object raises UnpicklingError and nothing runs. mmap: map the tensors'
+    data instead of reading it (a cheap check of a large file; torch.save's zip format only).
+    Torch's warning about a pickle protocol it did not write is silenced (the refusal itself
+    says what was wrong)."""
+    mmap = mmap and zipfile.is_zipfile(file)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def safetensors_shapes(file: str | Path) -> dict[str, tuple[int, ...]]:

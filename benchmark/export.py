@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from baselines.gemma_scope import PARAMS, write_gemma_scope
 from baselines.saelens import write_saelens
 from benchmark import cli_errors
+from benchmark.fileio import honour_umask
 from benchmark.results import read_result
 from benchmark.saes import load_sae
 
@@ -60,8 +61,12 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> list[Path]:
             raise ValueError(f"{run_dir}: result.json says {key}={result[key]}, the SAE has "
                              f"{getattr(sae, key)}")  # fmt: skip
     if fmt == "gemma_scope":
-        return [write_gemma_scope(sae, out / PARAMS)]  # type: ignore[arg-type]
-    return list(write_saelens(sae, out, saelens_metadata(run_dir, result)))
+        written = [write_gemma_scope(sae, out / PARAMS)]  # type: ignore[arg-type]
+    else:
+        written = list(write_saelens(sae, out, saelens_metadata(run_dir, result)))
+    # safetensors writes through its own temporary file, created 0600: the files get the mode
+    # a plain `open` gives (0666 minus the umask), like every other file the suite writes.
+    return [honour_umask(p) for p in written]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

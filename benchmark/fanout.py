@@ -19,7 +19,10 @@ grouping (tests/test_fanout.py: same weights and metrics as separate runs).
 
 Resume: each SAE checkpoints in its own folder; a killed group, re-launched with the same
 command, skips its finished SAEs and resumes the others from their checkpoints. A group whose
-run fails marks every unfinished member failed (result.json with the traceback).
+run fails marks every unfinished member failed (result.json with the traceback). The first job
+claims every member's folder with its file lock (benchmark.run.claim, sorted order): a member
+another process is running is skipped, so the same sweep launched twice computes each SAE once.
+Each member's log lines also go to its own run.log (benchmark.run.member_logs).
 
 Launchers that run jobs in other processes (`hydra/launcher=local`: joblib; `slurm`) do not
 group: each job is a group of one.
@@ -159,6 +162,9 @@ def run_grouped(hydra_context: Any, task_function: Any, jobs: Sequence[Job], *,
                          split_sites=split_sites))  # fmt: skip
     returns = []
     for job in jobs:
+        # The launcher's own logging again (console): the previous job's file log (its run.log)
+        # would otherwise also get this job's launch line.
+        configure_log(job.sweep.hydra.hydra_logging, job.sweep.hydra.verbose)
         log.info("\t#%s : %s", job.sweep.hydra.job.num, " ".join(filter_overrides(job.overrides)))
         returns.append(run_job(hydra_context=hydra_context, task_function=task_function,
                                config=job.sweep, job_dir_key="hydra.sweep.dir",

@@ -41,6 +41,13 @@ def current_umask() -> int:
     return mask
 
 
+def honour_umask(path: str | Path) -> Path:
+    """Give `path` the mode a plain `open` would have given it (0666 minus the umask): for a
+    file some writer created private (mkstemp, safetensors' own temporary file)."""
+    os.chmod(path, 0o666 & ~current_umask())
+    return Path(path)
+
+
 def _host() -> str:
     return socket.gethostname().replace("-", "_").replace(".", "_")[:32]
 
@@ -60,7 +67,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
             write(tmp)
         except (OSError, RuntimeError) as e:
             raise _disk_full(e, path) from e
-        os.chmod(tmp, 0o666 & ~current_umask())
+        honour_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

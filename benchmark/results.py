@@ -150,14 +150,16 @@ def read_result(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def write_result(run_dir: str | Path, record: dict[str, Any] | ResultRecord) -> Path:
-    """Write result.json atomically. An existing one is never overwritten silently: it is kept
-    as result.<its time>.json and the new record names it under "replaces"."""
+    """Write result.json atomically. An existing *complete* record is never overwritten: it is
+    kept as result.<its time>.json and the new record names it under "replaces" (`rerun=true`:
+    only a rerun gets this far in a folder with a complete record, benchmark.run.check_folder).
+    A failed record is replaced. Callers hold the run folder's lock (benchmark.run.claim)."""
     if isinstance(record, ResultRecord):
         record = record.to_json()
     path = Path(run_dir) / RESULT
     old = read_result(run_dir)
-    if path.exists():
-        stamp = (old or {}).get("time") or datetime.now(timezone.utc).isoformat()
+    if path.exists() and old is not None and old.get("status") == "complete":
+        stamp = old.get("time") or datetime.now(timezone.utc).isoformat()
         kept = path.with_name(f"result.{stamp.replace(':', '')}.json")
         os.replace(path, kept)
         record = {**record, "replaces": kept.name}

@@ -9,7 +9,20 @@ A run's folder is named by its config (benchmark/identity.py), single run or swe
 A folder that already holds a complete result.json of the same config is skipped (so an
 interrupted sweep, re-launched with the same command, resumes where it stopped; a result from
 other code is reused with a warning); `rerun=true` re-runs it and keeps the old result beside
-the new. Training checkpoints (train.checkpoint_every) resume a killed run in the same folder.
+the new. Training checkpoints (train.checkpoint_every) resume a killed run in the same folder;
+a run killed after its SAE was saved (sae.safetensors, then trained.json) resumes at the
+evaluation, with the record an uninterrupted run writes.
+
+One process per run folder: a job claims its folder with a file lock (`claim`: <folder>/.run.lock,
+flock, released by the OS when the process dies, so a killed run never blocks the next) for its
+training and evaluation, in every launcher (a fan-out group claims its members' folders in sorted
+order). A job that finds its folder claimed by another process does not wait: it logs one line
+(`[<folder>] being run by another process: skipped`) and returns nothing, so the same sweep
+started twice shares the work instead of doing it twice; re-launch after the other process ends
+to pick up anything it failed. Each member of a fan-out group also gets its own lines in its own
+run.log (`member_logs`). A run refused by a pre-run check (ConfigError before it started) leaves
+no folder behind (`remove_unused`).
+
 Every check that needs no model or data (`plan_run`, `check_writable`) runs before the first
 heavy step. A user error prints one line (`error: ...`) and exits with status 2, whether the
 suite finds it (ConfigError) or Hydra does before the job (`sae=nope`, a bad override: `cli`,
@@ -19,17 +32,24 @@ every traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import shutil
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -40,16 +60,29 @@ from baselines.foreign import source_of, suite_node
 from benchmark import activations, cli_errors, data, fanout, identity, models
 from benchmark.errors import ConfigError
 from benchmark.evaluate import activation_metrics, evaluate_group
-from benchmark.fileio import DiskFullError
+from benchmark.fileio import DiskFullError, write_json_atomic
 from benchmark.hub import check_sources
 from benchmark.metrics import METRICS_VERSION, definitions
 from benchmark.results import ResultRecord, git_commit, provenance, read_result, write_result
-from benchmark.saes import build_sae, load_sae, sae_node, save_sae
-from benchmark.train import Sparsity, TrainConfig, Trainer, TrainResult, train_group, write_history
+from benchmark.saes import CONFIG, WEIGHTS, build_sae, load_sae, sae_node, save_sae
+from benchmark.train import (
+    Sparsity,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    read_checkpoint,
+    train_group,
+    write_history,
+)
 from benchmark.validate import check_run, dictionary_size, evaluate_only, site_width
 
 log = logging.getLogger("benchmark.run")
+CHECKPOINT = "checkpoint.pt"  # a run's training checkpoint, in its folder
 CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
+RUN_LOCK = ".run.lock"  # in the run folder: held by the process training and evaluating it
+# Written (atomically) after the trained SAE and history.csv: the training is finished and a
+# re-run evaluates the saved SAE. Holds what the record needs from the training.
+TRAINED = "trained.json"
 
 
 class LazyModel:
@@ -120,6 +153,7 @@ class Trained:
     activation_cache: str
     logger: Any = None  # finished once the result is written
     store: Any = None  # the training activations (None: evaluate-only)
+    loaded: bool = False  # trained by an earlier process: the SAE and this come from the folder
 
 
 @dataclass
@@ -137,13 +171,16 @@ def train_stage(
     members: list[Member], plans: list[Plan], model: LazyModel, group: str | None
 ) -> list[Trained]:
     """Train every member's SAE: one harvest for all their sites (one model pass), then all
-    SAEs in lockstep on the same batches (`train_group`; one SAE is a group of one)."""
+    SAEs in lockstep on the same batches (`train_group`; one SAE is a group of one). A member
+    whose folder holds a finished training (`load_trained`) is not trained again."""
     trained: list[Trained | None] = [None] * len(members)
     todo = []
     for i, (m, plan) in enumerate(zip(members, plans, strict=True)):
         if plan.train is None or plan.sparsity is None:  # evaluate-only: raw activations
             save_sae(plan.sae, m.out, plan.node)
             trained[i] = Trained(None, 1.0, "")
+        elif (done := load_trained(m, plan)) is not None:
+            trained[i] = done
         else:
             todo.append(i)
     if todo:
@@ -169,8 +206,8 @@ def train_stage(
             logger.start(OmegaConf.to_container(m.cfg, resolve=True), m.out.name, str(m.out))
             loggers.append(logger)
             trainers.append(Trainer(plan.sae, plan.train, plan.sparsity,
-                                    checkpoint_path=m.out / "checkpoint.pt", log=logger.log,
-                                    progress=False))  # fmt: skip
+                                    checkpoint_path=m.out / CHECKPOINT, log=logger.log,
+                                    progress=False, resume=not m.cfg.get("rerun", False)))  # fmt: skip
             streams.append(m.cfg.site.name)
         seed, batch_size = int(lead.cfg.seed), trainers[0].cfg.batch_size
 
@@ -201,8 +238,56 @@ def train_stage(
             write_history(m.out / "history.csv", result.history)
             plan.sae.fold_scale(store.norm_scale)
             save_sae(plan.sae, m.out, plan.node)
-            trained[i] = Trained(result, store.norm_scale, str(store.key), logger, store)
+            t = Trained(result, store.norm_scale, str(store.key), logger, store)
+            assert plan.train is not None
+            if result.steps >= plan.train.total_steps:  # finished (a test's stop_after ends early)
+                write_trained(m.out, t)  # last: the folder now holds a finished training
+            trained[i] = t
     return [t for t in trained if t is not None]
+
+
+def write_trained(out: Path, t: Trained) -> None:
+    """trained.json: what the record needs from a finished training (written after the SAE)."""
+    assert t.result is not None
+    write_json_atomic(out / TRAINED, {
+        "norm_scale": t.norm_scale, "activation_cache": t.activation_cache,
+        "train_max_norm": getattr(t.store, "max_norm", None),
+        "train_excluded": getattr(t.store, "n_excluded", None),
+        "train": {k: v for k, v in t.result.as_dict().items() if k != "history"},
+    })  # fmt: skip
+
+
+def load_trained(m: Member, plan: Plan) -> Trained | None:
+    """The finished training of a run killed after its SAE was saved (trained.json, written
+    after sae.safetensors, sae_config.yaml and history.csv), with the saved SAE in plan.sae (on
+    plan.sae's device): the run goes straight to its evaluation, and its record is the one an
+    uninterrupted run writes. None (train) without it, with rerun=true, or when the saved SAE
+    does not load or is not this plan's (a warning says so)."""
+    file = m.out / TRAINED
+    if m.cfg.get("rerun", False) or not file.is_file():
+        return None
+    assert plan.train is not None
+    try:
+        saved = json.loads(file.read_text())
+        if not ((m.out / WEIGHTS).is_file() and (m.out / CONFIG).is_file()):
+            raise FileNotFoundError(f"{WEIGHTS} or {CONFIG} is missing")
+        sae = load_sae(m.out, next(plan.sae.parameters()).device)
+        if (type(sae), sae.d_in, sae.d_sae) != (type(plan.sae), plan.d_in, plan.d_sae):
+            raise ValueError(f"the saved SAE is a {type(sae).__name__} {sae.d_in}x{sae.d_sae}")
+        result = TrainResult(**saved["train"], history=[])
+        if result.steps < plan.train.total_steps:
+            raise ValueError(f"{result.steps} of {plan.train.total_steps} steps")
+    except Exception as e:  # noqa: BLE001
+        log.warning("[%s] %s unusable (%s: %s): training again", m.out.name, TRAINED,
+                    type(e).__name__, e)  # fmt: skip
+        return None
+    plan.sae = sae
+    store = SimpleNamespace(max_norm=saved["train_max_norm"], n_excluded=saved["train_excluded"])
+    logger = instantiate(m.cfg.logger)  # the evaluation's metrics still reach the logger
+    logger.start(OmegaConf.to_container(m.cfg, resolve=True), m.out.name, str(m.out))
+    stage(f"trained already ({WEIGHTS}, {TRAINED}): evaluating the saved SAE", m.out)
+    return Trained(result, float(saved["norm_scale"]), str(saved["activation_cache"]), logger,
+                   store, loaded=True)  # fmt: skip
 
 
 def run(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> ResultRecord:
@@ -221,6 +306,13 @@ def run_group(members: list[Member], group: str | None = None) -> list[ResultRec
     plans = [plan_run(m.cfg) for m in members]
     for m in members:
         check_sources(m.cfg)  # hub sources: available offline or reachable, in seconds
+    with member_logs(members):
+        return _run_group(members, plans, group, t_start)
+
+
+def _run_group(
+    members: list[Member], plans: list[Plan], group: str | None, t_start: float
+) -> list[ResultRecord]:
     lead = members[0]
     device = models.resolve_device(lead.cfg.device)
     for m in members:
@@ -243,7 +335,8 @@ def run_group(members: list[Member], group: str | None = None) -> list[ResultRec
     held_out = without_outliers(lead.cfg, held_out)
     clock.lap("harvest")  # the held-out set; the training split's harvest is timed below
     trained = train_stage(members, plans, model, group)
-    clock.split("harvest", "train", [t.result.seconds for t in trained if t.result is not None])
+    clock.split("harvest", "train",
+                [t.result.seconds for t in trained if t.result is not None and not t.loaded])  # fmt: skip
 
     stage("evaluate", lead.out)
     act = []
@@ -360,7 +453,8 @@ def _after_result(out: Path, logger: Any, metrics: dict[str, Any]) -> None:
     """Clean-up once result.json is written. Nothing here may turn a finished run into a failed
     one: a failure is logged as a warning and the complete record stays."""
     try:
-        (out / "checkpoint.pt").unlink(missing_ok=True)  # the weights are saved; free the space
+        (out / CHECKPOINT).unlink(missing_ok=True)  # the weights are saved; free the space
+        (out / TRAINED).unlink(missing_ok=True)  # the record holds it now
         (out / activations.StreamingStore.STATE_FILE).unlink(missing_ok=True)  # and a stream's
         if logger is not None:
             logger.finish(metrics)
@@ -538,6 +632,16 @@ def preflight(cfg: DictConfig) -> None:
     check_sources(cfg)
 
 
+def check_checkpoint(m: Member) -> None:
+    """A checkpoint in the run's folder is read as plain data (`train.read_checkpoint`, its
+    tensors memory-mapped: no I/O) before any model or data work, so a hostile, damaged or
+    outdated one fails in a second, not after the harvest. rerun=true ignores it: training
+    starts from scratch and overwrites it."""
+    path = m.out / CHECKPOINT
+    if path.exists() and not m.cfg.get("rerun", False):
+        read_checkpoint(path, mmap=True)
+
+
 def loader_error(cfg: DictConfig, e: BaseException) -> str | None:
     """The one-line message when the SAE loader of `sae.path` (train=none) could not read a
     file (an OSError: permissions, a folder where a file should be, ...), else None.
@@ -552,34 +656,159 @@ def loader_error(cfg: DictConfig, e: BaseException) -> str | None:
 
 def run_fanout(group: fanout.Group, out: Path) -> Any:
     """The return value of the job writing to `out`, a member of a fan-out group: the group's
-    first job runs every member that is not already complete (`run_group`); the others return
-    what it computed. A failure marks every unfinished member failed, and each of the group's
-    jobs reports it."""
+    first job claims every member's folder (`claim`) and runs the members that are not already
+    complete (`run_group`); the others return what it computed (None for a member another
+    process is running). A failure marks every unfinished member failed, and each of the
+    group's jobs reports it."""
     if not group.ran:
         group.ran = True
-        todo = []
-        for m in group.members:
-            check_writable(m.cfg)
+        with claim(group.members) as mine:
+            _run_claimed(group, mine)
+    if group.error is not None:
+        raise RuntimeError(f"its fan-out group {group.key[:8]} failed: {group.error}")
+    return group.values.get(str(out))
+
+
+def run_alone(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> Any:
+    """The return value of a job that runs alone (a single run, the basic launcher's jobs, a
+    joblib or submitit process): a fan-out group of one."""
+    return run_fanout(fanout.Group("", [Member(cfg, out, choices)]), out)
+
+
+def _run_claimed(group: fanout.Group, mine: list[Member]) -> None:
+    """Run the members whose folders this process holds; the failed record of a failure and
+    the removal of a refused run's folder happen under the lock."""
+    todo: list[Member] = []
+    try:
+        for m in mine:  # a finished run is skipped before anything else is checked
             done = check_folder(m.cfg, m.out)
             if done is not None:
                 group.values[str(m.out)] = done.get("delta_lm_loss")
             else:
+                check_writable(m.cfg)
+                preflight(m.cfg)
+                check_checkpoint(m)
                 todo.append(m)
-        try:
-            if todo:
-                key = group.key if len(todo) > 1 else None
-                for m, record in zip(todo, run_group(todo, key), strict=True):
-                    group.values[str(m.out)] = record.metrics["delta_lm_loss"]
-        except (ConfigError, DiskFullError):
-            raise
-        except Exception as e:
-            group.error = f"{type(e).__name__}: {e}"
-            for m in todo:
-                record_failure(m.out, e, m.choices, m.cfg)
-            raise
-    if group.error is not None:
-        raise RuntimeError(f"its fan-out group {group.key[:8]} failed: {group.error}")
-    return group.values.get(str(out))
+        if todo:
+            key = group.key if len(todo) > 1 else None
+            for m, record in zip(todo, run_group(todo, key), strict=True):
+                group.values[str(m.out)] = record.metrics["delta_lm_loss"]
+    except ConfigError:
+        for m in mine:  # refused before it started: leave no empty folder behind
+            remove_unused(m.out)
+        raise
+    except DiskFullError:
+        raise
+    except Exception as e:
+        group.error = f"{type(e).__name__}: {e}"
+        for m in todo:
+            record_failure(m.out, e, m.choices, m.cfg)
+        raise
+
+
+@contextmanager
+def claim(members: list[Member]) -> Iterator[list[Member]]:
+    """Lock the members' run folders (<folder>/.run.lock, in sorted order) for as long as the
+    context lasts; yields the members this process holds, in launch order. A folder locked by
+    another process is not waited for: one line says so and the member is left out (that
+    process trains and evaluates it; a complete result is then skipped by check_folder). The
+    locks are flock locks: the OS releases them when their process ends, killed or not, so a
+    stale lock never blocks a later run. A job listed twice (same folder) is claimed once."""
+    held: dict[str, Member] = {}
+    with ExitStack() as stack:
+        for m in sorted(members, key=lambda m: str(m.out)):
+            if str(m.out) in held:
+                continue
+            lock = FileLock(str(m.out / RUN_LOCK))  # makes the folder if it is missing
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("[%s] being run by another process: skipped", m.out.name)
+                continue
+            stack.callback(lock.release)
+            held[str(m.out)] = m
+        yield [m for m in members if held.get(str(m.out)) is m]
+
+
+def _job_log() -> str:
+    """The file name of Hydra's per-job log (hydra/job_logging: <job name>.log)."""
+    try:
+        return f"{HydraConfig.get().job.name}.log"
+    except ValueError:  # no Hydra job (the Python API)
+        return "run.log"
+
+
+def remove_unused(out: Path) -> bool:
+    """Remove the run folder `out` if it holds nothing of a run: only what Hydra writes when a
+    job starts (.hydra/, the job's log) and the run lock. Called under the folder's lock, for a
+    run refused by a pre-run check. A folder that holds anything else (config.yaml, a
+    checkpoint, the SAE, a result, a file of the user's) is never removed."""
+    allowed = {".hydra", RUN_LOCK, _job_log(), "run.log"}
+    try:
+        entries = list(out.iterdir())
+    except OSError:
+        return False
+    if any(e.name not in allowed or (e.name == ".hydra") != e.is_dir() for e in entries):
+        return False
+    shutil.rmtree(out / ".hydra", ignore_errors=True)
+    for e in entries:
+        if e.name != ".hydra":
+            e.unlink(missing_ok=True)
+    try:
+        out.rmdir()
+    except OSError:  # something appeared meanwhile: leave it
+        return False
+    log.debug("[%s] refused before it started: folder removed", out.name)
+    return True
+
+
+class _NamesMember(logging.Filter):
+    """Passes the lines that name `name` (`[<folder name>] ...`) and the lines that name no
+    member of the group (shared: progress, cache locks)."""
+
+    def __init__(self, name: str, names: set[str]) -> None:
+        super().__init__()
+        self.own, self.others = f"[{name}]", tuple(f"[{n}]" for n in names if n != name)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return msg.startswith(self.own) or not msg.startswith(self.others)
+
+
+@contextmanager
+def member_logs(members: list[Member]) -> Iterator[None]:
+    """Each member's log lines also in its own run.log while its group runs. Hydra's job log
+    (hydra/job_logging: a file handler on the root logger, <job folder>/<job name>.log) is the
+    running job's; in a fan-out group the first job runs every member, so without this every
+    member's lines would be in the first job's log only. A member whose log already has a
+    handler (the running job's own) gets none; a member's file gets the lines naming it and
+    the lines naming no member (`_NamesMember`)."""
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    have = {os.path.abspath(h.baseFilename) for h in files}
+    folders = {os.path.abspath(m.out) for m in members}
+    job = next((h for h in files if os.path.dirname(h.baseFilename) in folders), None)
+    fmt = (job.formatter if job is not None else None) or logging.Formatter(
+        "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default
+    )
+    names = {m.out.name for m in members}
+    added = []
+    for m in members:
+        path = os.path.abspath(m.out / _job_log())
+        if path in have:
+            continue
+        have.add(path)
+        handler = logging.FileHandler(path, delay=True)
+        handler.setFormatter(fmt)
+        handler.addFilter(_NamesMember(m.out.name, names))
+        root.addHandler(handler)
+        added.append(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -596,17 +825,8 @@ def main(cfg: DictConfig) -> float | None:
     group = fanout.group_for(out)
     try:
         if group is not None:
-            if not group.ran:
-                for m in group.members:
-                    if (read_result(m.out) or {}).get("status") != "complete":
-                        preflight(m.cfg)
             return run_fanout(group, out)
-        done = check_folder(cfg, out)
-        if done is not None:
-            return done.get("delta_lm_loss")
-        check_writable(cfg)
-        preflight(cfg)
-        return run(cfg, out, choices).metrics["delta_lm_loss"]
+        return run_alone(cfg, out, choices)  # its failure is recorded there, under the lock
     except (ConfigError, DiskFullError) as e:  # a user error: one line, exit 2, no traceback
         if cli_errors.debug():  # HYDRA_FULL_ERROR=1: the full traceback instead
             raise
@@ -615,8 +835,6 @@ def main(cfg: DictConfig) -> float | None:
         message = loader_error(cfg, e)
         if message is not None and not cli_errors.debug():
             cli_errors.fail(message)
-        if group is None:
-            record_failure(out, e, choices, cfg)
         raise
 
 

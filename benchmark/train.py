@@ -361,19 +361,20 @@ def _save_checkpoint(path: Path, sae, opt, state: TrainState) -> None:
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # never a half-written checkpoint
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint's contents as plain data: `torch.load(weights_only=True)`, which builds
     tensors, numbers, strings, lists and dicts and refuses every other pickled object (no code
     runs). A file that needs more (a checkpoint written before the suite saved plain values, a
     foreign or hostile pickle) or is damaged raises ConfigError naming the file: nothing is
-    loaded from it, and `rerun=true` trains from scratch instead of resuming."""
+    loaded from it, and `rerun=true` trains from scratch instead of resuming. mmap: map the
+    tensors instead of reading them (a check before heavy work that costs no I/O)."""
     path = Path(path)
     refuse = (
         f"{path}: refused: not a checkpoint of this suite's format {CHECKPOINT_FORMAT} (plain "
         "tensors and numbers)"
     )
     try:
-        ckpt = load_plain(path)
+        ckpt = load_plain(path, mmap=mmap)
     except PARSE_ERRORS as e:  # a pickled object outside the allow-list, or a damaged file
         raise ConfigError(f"{refuse} ({refusal(e)}); set rerun=true to train this run from "
                           "scratch (or delete the file)") from None  # fmt: skip
