@@ -202,8 +202,7 @@ def train_stage(
             where = f" in fan-out group {group} ({len(todo)} SAEs)" if group else ""
             stage(f"train {type(plan.sae).__name__} d_in={plan.d_in} d_sae={plan.d_sae}{where}",
                   m.out)  # fmt: skip
-            logger = instantiate(m.cfg.logger)
-            logger.start(OmegaConf.to_container(m.cfg, resolve=True), m.out.name, str(m.out))
+            logger = start_logger(m)
             loggers.append(logger)
             trainers.append(Trainer(plan.sae, plan.train, plan.sparsity,
                                     checkpoint_path=m.out / CHECKPOINT, log=logger.log,
@@ -246,6 +245,13 @@ def train_stage(
     return [t for t in trained if t is not None]
 
 
+def start_logger(m: Member) -> Any:
+    """The member's logger (conf/logger/, from the composed config), started for its run."""
+    logger = instantiate(m.cfg.logger)
+    logger.start(OmegaConf.to_container(m.cfg, resolve=True), m.out.name, str(m.out))
+    return logger
+
+
 def write_trained(out: Path, t: Trained) -> None:
     """trained.json: what the record needs from a finished training (written after the SAE)."""
     assert t.result is not None
@@ -283,8 +289,7 @@ def load_trained(m: Member, plan: Plan) -> Trained | None:
         return None
     plan.sae = sae
     store = SimpleNamespace(max_norm=saved["train_max_norm"], n_excluded=saved["train_excluded"])
-    logger = instantiate(m.cfg.logger)  # the evaluation's metrics still reach the logger
-    logger.start(OmegaConf.to_container(m.cfg, resolve=True), m.out.name, str(m.out))
+    logger = start_logger(m)  # the evaluation's metrics still reach the logger
     stage(f"trained already ({WEIGHTS}, {TRAINED}): evaluating the saved SAE", m.out)
     return Trained(result, float(saved["norm_scale"]), str(saved["activation_cache"]), logger,
                    store, loaded=True)  # fmt: skip

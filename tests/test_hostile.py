@@ -380,6 +380,19 @@ def test_export_and_examples_refuse_a_hostile_folder_in_one_line(tmp_path, modul
     assert victim.read_text() == "keep me" and not marker.exists() and snapshot(run) == before
 
 
+def test_reevaluating_a_hostile_folder_refuses_it_before_the_model_loads(tmp_path, monkeypatch):
+    from benchmark import models
+    from benchmark.run import reevaluate
+
+    run, marker, victim = tmp_path / "run", tmp_path / "PWNED", tmp_path / "victim.txt"
+    _hostile_run_folder(run, marker, victim)
+    before = snapshot(run)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match="_target_=pathlib.Path.unlink"):
+        reevaluate(run, device="cpu")
+    assert victim.read_text() == "keep me" and not marker.exists() and snapshot(run) == before
+
+
 @pytest.mark.integration
 def test_resuming_from_a_hostile_checkpoint_is_one_line_and_runs_nothing(tmp_path):
     run, marker = tmp_path / "run", tmp_path / "PWNED"
@@ -391,6 +404,7 @@ def test_resuming_from_a_hostile_checkpoint_is_one_line_and_runs_nothing(tmp_pat
     line = _one_error_line(proc)
     assert line.startswith(f"error: {run / 'checkpoint.pt'}: refused") and "rerun=true" in line
     assert not marker.exists()
+    assert "[run] activations" not in proc.stdout + proc.stderr  # refused before any harvest
 
 
 @pytest.mark.integration

@@ -19,7 +19,7 @@ PACKAGES = ("benchmark", "baselines", "hydra_plugins", "scripts")
 ALLOWED = {
     # The user's own composed config (conf/ + overrides), never a saved file.
     ("benchmark/saes.py", "build_sae", "instantiate"),
-    ("benchmark/run.py", "train_stage", "instantiate"),  # the logger node of the composed config
+    ("benchmark/run.py", "start_logger", "instantiate"),  # the logger node of the composed config
     ("benchmark/validate.py", "check_target", "get_object"),  # pre-flight of the composed config
     # A saved SAE's _target_: only modules of baselines/ or named by conf/sae/*.yaml, then
     # checked to be a SparseAutoencoder class before anything is called (load_sae).
