@@ -1,7 +1,8 @@
 """Training throughput of every architecture in conf/sae/ on synthetic activations.
 
     python scripts/bench_train.py [--d-in 576] [--width 4608] [--batch 4096] [--steps 8]
-                                  [--k 40] [--device auto] [--sparse auto] [--crossover]
+                                  [--k 40] [--device auto] [--precision fp32] [--sparse auto]
+                                  [--crossover]
 
 Prints tokens/s per architecture (forward + backward + Adam step through `train_sae`, so with
 the trainer's before/after_optimizer_step hooks and bookkeeping), and its ratio to the *dense
@@ -15,6 +16,8 @@ training): with the tiny default threshold it fires on ~40% of latents of this d
 --crossover compares the sparse and the dense path of TopK and JumpReLU at several densities
 on this device (the measurement behind baselines/sparse.py's MAX_SPARSE_DENSITY).
 Synthetic data makes it runnable anywhere (a GPU machine needs no model or corpus).
+--precision is train.precision (fp32 | tf32 | bf16; tf32 and bf16 need CUDA): the trainer's
+steps and the dense bound's six products both run at it, so the ratio compares like with like.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +34,7 @@ import torch
 
 from baselines.base import SparseAutoencoder
 from benchmark.saes import build_sae
-from benchmark.train import Sparsity, TrainConfig, train_sae
+from benchmark.train import PRECISIONS, Sparsity, TrainConfig, matmul_precision, train_sae
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "sae"
 
@@ -63,20 +67,24 @@ def seconds(fn: Callable[[], object], dev: torch.device, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
-def dense_bound(batch: int, d_in: int, width: int, dev: torch.device) -> Callable[[], None]:
+def dense_bound(
+    batch: int, d_in: int, width: int, dev: torch.device, precision: str = "fp32"
+) -> Callable[[], None]:
     """The six dense products of one SAE step: forward x @ W_enc and f @ W_dec, backward
     grad_f = g @ W_dec^T, grad_W_dec = f^T @ g, grad_x = grad_pre @ W_enc^T and
-    grad_W_enc = x^T @ grad_pre."""
+    grad_W_enc = x^T @ grad_pre; at train.precision `precision` (tf32: the TF32 flags, bf16:
+    autocast, as the trainer's forward)."""
     x, g = torch.randn(batch, d_in, device=dev), torch.randn(batch, d_in, device=dev)
     W_enc, W_dec = torch.randn(d_in, width, device=dev), torch.randn(width, d_in, device=dev)
 
     def six() -> None:
-        f = x @ W_enc
-        f @ W_dec
-        grad_f = g @ W_dec.t()
-        f.t() @ g
-        grad_f @ W_enc.t()
-        x.t() @ grad_f
+        with matmul_precision(precision, dev.type):
+            f = x @ W_enc
+            f @ W_dec
+            grad_f = g @ W_dec.t()
+            f.t() @ g
+            grad_f @ W_enc.t()
+            x.t() @ grad_f
 
     return six
 
@@ -133,21 +141,28 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--k", type=int, default=40)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="train.precision; tf32 and bf16 need CUDA")  # fmt: skip
     p.add_argument("--sparse", default="auto", choices=["auto", "true", "false"],
                    help="sparse path of topk / batchtopk / jumprelu")  # fmt: skip
     p.add_argument("--crossover", action="store_true", help="sparse vs dense speed by density")
     a = p.parse_args()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))  # fmt: skip
+    if a.precision != "fp32" and dev.type != "cuda":
+        print(f"error: --precision {a.precision} needs CUDA, but the device is {dev}; "
+              "use --precision fp32 there", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     sparse = {"auto": "auto", "true": True, "false": False}[a.sparse]
     x = torch.randn(a.batch, a.d_in, device=dev) / a.d_in**0.5
     cfg = TrainConfig(n_tokens=a.batch * a.steps, batch_size=a.batch, lr=1e-3, lr_warmup_steps=1,
-                      log_every=10**9, dead_window_tokens=a.batch * 4)  # fmt: skip
+                      log_every=10**9, dead_window_tokens=a.batch * 4,
+                      precision=a.precision)  # fmt: skip
     print(f"device={dev} d_in={a.d_in} d_sae={a.width} batch={a.batch} steps={a.steps} k={a.k} "
-          f"fp32 threads={torch.get_num_threads()} sparse={a.sparse}")  # fmt: skip
+          f"{a.precision} threads={torch.get_num_threads()} sparse={a.sparse}")  # fmt: skip
     if a.crossover:
         return crossover(a, x, cfg)
-    six = dense_bound(a.batch, a.d_in, a.width, dev)
+    six = dense_bound(a.batch, a.d_in, a.width, dev, a.precision)
     bounds = []
     for name in ("jumprelu", "gated", "topk", "batchtopk", "relu"):
         sae = build(name, nodes(a.k)[name], a, x, sparse)
