@@ -20,9 +20,9 @@ grouping (tests/test_fanout.py: same weights and metrics as separate runs).
 Resume: each SAE checkpoints in its own folder; a killed group, re-launched with the same
 command, skips its finished SAEs and resumes the others from their checkpoints. A group whose
 run fails marks every unfinished member failed (result.json with the traceback). The first job
-claims every member's folder with its file lock (benchmark.run.claim, sorted order): a member
+claims every member's folder with its file lock (benchmark.runfolder.claim, sorted order): a member
 another process is running is skipped, so the same sweep launched twice computes each SAE once.
-Each member's log lines also go to its own run.log (benchmark.run.member_logs).
+Each member's log lines also go to its own run.log (benchmark.runfolder.member_logs).
 
 Launchers that run jobs in other processes (`hydra/launcher=local`: joblib; `slurm`) do not
 group: each job is a group of one.

@@ -153,7 +153,7 @@ def write_result(run_dir: str | Path, record: dict[str, Any] | ResultRecord) -> 
     """Write result.json atomically. An existing *complete* record is never overwritten: it is
     kept as result.<its time>.json and the new record names it under "replaces" (`rerun=true`:
     only a rerun gets this far in a folder with a complete record, benchmark.run.check_folder).
-    A failed record is replaced. Callers hold the run folder's lock (benchmark.run.claim)."""
+    A failed record is replaced. Callers hold the run folder's lock (benchmark.runfolder.claim)."""
     if isinstance(record, ResultRecord):
         record = record.to_json()
     path = Path(run_dir) / RESULT

@@ -35,12 +35,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,7 +45,6 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -64,6 +59,7 @@ from benchmark.fileio import DiskFullError, write_json_atomic
 from benchmark.hub import check_sources
 from benchmark.metrics import METRICS_VERSION, definitions
 from benchmark.results import ResultRecord, git_commit, provenance, read_result, write_result
+from benchmark.runfolder import claim, member_logs, remove_unused
 from benchmark.saes import CONFIG, WEIGHTS, build_sae, load_sae, sae_node, save_sae
 from benchmark.train import (
     Sparsity,
@@ -79,7 +75,6 @@ from benchmark.validate import check_run, dictionary_size, evaluate_only, site_w
 log = logging.getLogger("benchmark.run")
 CHECKPOINT = "checkpoint.pt"  # a run's training checkpoint, in its folder
 CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
-RUN_LOCK = ".run.lock"  # in the run folder: held by the process training and evaluating it
 # Written (atomically) after the trained SAE and history.csv: the training is finished and a
 # re-run evaluates the saved SAE. Holds what the record needs from the training.
 TRAINED = "trained.json"
@@ -709,111 +704,6 @@ def _run_claimed(group: fanout.Group, mine: list[Member]) -> None:
         for m in todo:
             record_failure(m.out, e, m.choices, m.cfg)
         raise
-
-
-@contextmanager
-def claim(members: list[Member]) -> Iterator[list[Member]]:
-    """Lock the members' run folders (<folder>/.run.lock, in sorted order) for as long as the
-    context lasts; yields the members this process holds, in launch order. A folder locked by
-    another process is not waited for: one line says so and the member is left out (that
-    process trains and evaluates it; a complete result is then skipped by check_folder). The
-    locks are flock locks: the OS releases them when their process ends, killed or not, so a
-    stale lock never blocks a later run. A job listed twice (same folder) is claimed once."""
-    held: dict[str, Member] = {}
-    with ExitStack() as stack:
-        for m in sorted(members, key=lambda m: str(m.out)):
-            if str(m.out) in held:
-                continue
-            lock = FileLock(str(m.out / RUN_LOCK))  # makes the folder if it is missing
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                log.info("[%s] being run by another process: skipped", m.out.name)
-                continue
-            stack.callback(lock.release)
-            held[str(m.out)] = m
-        yield [m for m in members if held.get(str(m.out)) is m]
-
-
-def _job_log() -> str:
-    """The file name of Hydra's per-job log (hydra/job_logging: <job name>.log)."""
-    try:
-        return f"{HydraConfig.get().job.name}.log"
-    except ValueError:  # no Hydra job (the Python API)
-        return "run.log"
-
-
-def remove_unused(out: Path) -> bool:
-    """Remove the run folder `out` if it holds nothing of a run: only what Hydra writes when a
-    job starts (.hydra/, the job's log) and the run lock. Called under the folder's lock, for a
-    run refused by a pre-run check. A folder that holds anything else (config.yaml, a
-    checkpoint, the SAE, a result, a file of the user's) is never removed."""
-    allowed = {".hydra", RUN_LOCK, _job_log(), "run.log"}
-    try:
-        entries = list(out.iterdir())
-    except OSError:
-        return False
-    if any(e.name not in allowed or (e.name == ".hydra") != e.is_dir() for e in entries):
-        return False
-    shutil.rmtree(out / ".hydra", ignore_errors=True)
-    for e in entries:
-        if e.name != ".hydra":
-            e.unlink(missing_ok=True)
-    try:
-        out.rmdir()
-    except OSError:  # something appeared meanwhile: leave it
-        return False
-    log.debug("[%s] refused before it started: folder removed", out.name)
-    return True
-
-
-class _NamesMember(logging.Filter):
-    """Passes the lines that name `name` (`[<folder name>] ...`) and the lines that name no
-    member of the group (shared: progress, cache locks)."""
-
-    def __init__(self, name: str, names: set[str]) -> None:
-        super().__init__()
-        self.own, self.others = f"[{name}]", tuple(f"[{n}]" for n in names if n != name)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return msg.startswith(self.own) or not msg.startswith(self.others)
-
-
-@contextmanager
-def member_logs(members: list[Member]) -> Iterator[None]:
-    """Each member's log lines also in its own run.log while its group runs. Hydra's job log
-    (hydra/job_logging: a file handler on the root logger, <job folder>/<job name>.log) is the
-    running job's; in a fan-out group the first job runs every member, so without this every
-    member's lines would be in the first job's log only. A member whose log already has a
-    handler (the running job's own) gets none; a member's file gets the lines naming it and
-    the lines naming no member (`_NamesMember`)."""
-    root = logging.getLogger()
-    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
-    have = {os.path.abspath(h.baseFilename) for h in files}
-    folders = {os.path.abspath(m.out) for m in members}
-    job = next((h for h in files if os.path.dirname(h.baseFilename) in folders), None)
-    fmt = (job.formatter if job is not None else None) or logging.Formatter(
-        "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default
-    )
-    names = {m.out.name for m in members}
-    added = []
-    for m in members:
-        path = os.path.abspath(m.out / _job_log())
-        if path in have:
-            continue
-        have.add(path)
-        handler = logging.FileHandler(path, delay=True)
-        handler.setFormatter(fmt)
-        handler.addFilter(_NamesMember(m.out.name, names))
-        root.addHandler(handler)
-        added.append(handler)
-    try:
-        yield
-    finally:
-        for handler in added:
-            root.removeHandler(handler)
-            handler.close()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

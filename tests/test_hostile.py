@@ -368,14 +368,22 @@ def _hostile_run_folder(folder: Path, marker: Path, victim: Path) -> None:
     victim.write_text("keep me")
 
 
-@pytest.mark.parametrize("module", ["benchmark.export", "benchmark.examples"])
-def test_export_and_examples_refuse_a_hostile_folder_in_one_line(tmp_path, module):
+@pytest.mark.parametrize("module", ["export", "examples"])
+def test_export_and_examples_refuse_a_hostile_folder_in_one_line(tmp_path, module, capsys):
+    """Their `main` in this process (the same code as `python -m benchmark.<module>`, without
+    a subprocess's seconds of imports); the run entry point is tested in subprocesses below."""
+    import importlib
+
+    cli = importlib.import_module(f"benchmark.{module}")
     run, marker, victim = tmp_path / "run", tmp_path / "PWNED", tmp_path / "victim.txt"
     _hostile_run_folder(run, marker, victim)
     before = snapshot(run)
-    extra = ["--format", "saelens", "--out", str(tmp_path / "out")] if module.endswith("export") \
+    extra = ["--format", "saelens", "--out", str(tmp_path / "out")] if module == "export" \
         else ["--latents", "0"]  # fmt: skip
-    line = _one_error_line(_cli(module, str(run), *extra))
+    rc = cli.main([str(run), *extra])
+    err = capsys.readouterr().err
+    proc = subprocess.CompletedProcess([], rc, "", err)
+    line = _one_error_line(proc)
     assert f"{run / 'sae_config.yaml'}: _target_=pathlib.Path.unlink" in line, line
     assert victim.read_text() == "keep me" and not marker.exists() and snapshot(run) == before
 

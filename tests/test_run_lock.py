@@ -1,4 +1,4 @@
-"""One process per run folder (benchmark.run.claim), each job's lines in its own run.log
+"""One process per run folder (benchmark.runfolder.claim), each job's lines in its own run.log
 (member_logs), a kill after the SAE was saved resuming at the evaluation (trained.json), no
 folder left by a refused run (remove_unused), result.json kept aside only for a rerun, and
 files written with the umask's mode (fileio.atomic_write, benchmark.export).
@@ -26,7 +26,8 @@ import benchmark.run as run_mod
 from benchmark import fanout, fileio
 from benchmark.errors import ConfigError
 from benchmark.results import read_result, write_result
-from benchmark.run import RUN_LOCK, TRAINED, Member, claim, member_logs, run_alone, run_fanout
+from benchmark.run import TRAINED, Member, run_alone, run_fanout
+from benchmark.runfolder import RUN_LOCK, claim, member_logs
 from tests.helpers import ROOT, compose_config, sae_from_conf
 
 HOLD = (  # a process that takes a run folder's lock and keeps it until it is killed
