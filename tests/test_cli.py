@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, SAE_NAMES
+from tests.helpers import ROOT, SAE_NAMES, one_error_line
 
 
 def cli(*args: str, env: dict[str, str] | None = None, code: str | None = None):
@@ -21,14 +21,6 @@ def cli(*args: str, env: dict[str, str] | None = None, code: str | None = None):
     )
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-
-
-def one_error_line(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
 
 
 @pytest.mark.parametrize(

@@ -39,25 +39,9 @@ from benchmark.errors import ConfigError
 from benchmark.report import __main__ as report_cli
 from benchmark.run import check_writable, loader_error, plan_run, preflight
 from benchmark.saes import build_sae, sae_node, save_sae
-from tests.helpers import ROOT, compose_config
+from tests.helpers import ROOT, compose_config, one_error_line, run_cli
 
 SMOKE_RUN = ["+experiment=smoke", "hydra.mode=RUN"]
-
-
-def run_cli(*args: str, module: str = "benchmark.run", env: dict[str, str] | None = None,
-            prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:  # fmt: skip
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    cmd = [*prefix, sys.executable, "-m", module, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """The one `error:` line of a CLI that exited with status 2 without a traceback."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
 
 
 def captured_error(capsys: pytest.CaptureFixture[str]) -> str:

@@ -27,7 +27,7 @@ from baselines.topk import TopKSAE
 from benchmark.errors import ConfigError
 from benchmark.saes import load_sae, save_sae
 from benchmark.train import Sparsity, TrainConfig, Trainer, read_checkpoint
-from tests.helpers import ROOT, compose_config
+from tests.helpers import compose_config, one_error_line, run_cli
 
 D_IN, D_SAE = 8, 32
 
@@ -344,20 +344,6 @@ def test_a_gemma_scope_header_declaring_more_than_the_file_holds(tmp_path):
 # ---- end to end: the command line ---------------------------------------------------------
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env)  # fmt: skip
-
-
-def _one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return lines[0]
-
-
 def _hostile_run_folder(folder: Path, marker: Path, victim: Path) -> None:
     saved_topk(folder)
     cfg = compose_config(["+experiment=smoke", "sae=topk"])
@@ -383,7 +369,7 @@ def test_export_and_examples_refuse_a_hostile_folder_in_one_line(tmp_path, modul
     rc = cli.main([str(run), *extra])
     err = capsys.readouterr().err
     proc = subprocess.CompletedProcess([], rc, "", err)
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert f"{run / 'sae_config.yaml'}: _target_=pathlib.Path.unlink" in line, line
     assert victim.read_text() == "keep me" and not marker.exists() and snapshot(run) == before
 
@@ -407,9 +393,9 @@ def test_resuming_from_a_hostile_checkpoint_is_one_line_and_runs_nothing(tmp_pat
     run.mkdir()
     with open(run / "checkpoint.pt", "wb") as fh:
         pickle.dump(touch(marker), fh)
-    proc = _cli("benchmark.run", "+experiment=smoke", "hydra.mode=RUN", "sae=topk",
+    proc = run_cli("+experiment=smoke", "hydra.mode=RUN", "sae=topk",
                 f"results_dir={tmp_path}", f"hydra.run.dir={run}", "progress=false")  # fmt: skip
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert line.startswith(f"error: {run / 'checkpoint.pt'}: refused") and "rerun=true" in line
     assert not marker.exists()
     assert "[run] activations" not in proc.stdout + proc.stderr  # refused before any harvest
@@ -424,9 +410,9 @@ def test_a_foreign_sae_with_a_payload_is_one_line_before_the_model_loads(tmp_pat
     )
     with open(tmp_path / "dl" / "ae.pt", "wb") as fh:
         pickle.dump(touch(marker), fh)
-    proc = _cli("benchmark.run", "+experiment=smoke", "hydra.mode=RUN", "train=none",
+    proc = run_cli("+experiment=smoke", "hydra.mode=RUN", "train=none",
                 "sae=dictionary_learning", f"sae.path={tmp_path / 'dl'}",
                 f"results_dir={tmp_path / 'results'}")  # fmt: skip
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert f"{tmp_path / 'dl' / 'ae.pt'}: not a readable dictionary_learning ae.pt" in line, line
     assert not marker.exists()
