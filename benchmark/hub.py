@@ -32,10 +32,10 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from baselines.foreign import HF  # the scheme of an sae.path on the hub
 from benchmark.errors import ConfigError
 
 TIMEOUT_S = 3.0
-HF_SCHEME = "hf://"  # as baselines/foreign.py reads sae.path
 FILE_SUFFIXES = (".npz", ".safetensors", ".json", ".pt", ".bin", ".yaml")  # the loaders' files
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 # Any one of these next to config.json means the weights were downloaded.
@@ -69,14 +69,14 @@ def check_sources(cfg: Any) -> None:
             "data.path=DIR (.txt, .jsonl or .parquet files), or use data=bundled"
         )
     sae_path = str((cfg.get("sae") or {}).get("path") or "")
-    if sae_path.startswith(HF_SCHEME):
+    if sae_path.startswith(HF):
         check_hub_sae(sae_path)
 
 
 def check_hub_sae(uri: str) -> None:
     """`sae.path=hf://owner/repo/<folder or file>`: in the local HF cache, or the hub answers
     (module docstring). A malformed path is left to the loader, which names it."""
-    parts = PurePosixPath(uri[len(HF_SCHEME) :]).parts
+    parts = PurePosixPath(uri[len(HF) :]).parts
     if len(parts) < 2:
         return
     repo, rest = "/".join(parts[:2]), "/".join(parts[2:])
