@@ -159,7 +159,7 @@ def read_yaml_mapping(path: str | Path) -> Any:
         cfg = OmegaConf.load(path)
     except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-        why = f"{problem} at line {mark.line + 1}" if mark and problem else _first_line(e)
+        why = f"{problem} at line {mark.line + 1}" if mark and problem else first_line(e)
         raise ValueError(
             f"{path}: not a readable YAML file ({why}); is the file truncated?"
         ) from None
@@ -168,7 +168,8 @@ def read_yaml_mapping(path: str | Path) -> Any:
     return cfg
 
 
-def _first_line(text: object) -> str:
+def first_line(text: object) -> str:
+    """The first non-blank line of `text`, stripped (one line of a multi-line message)."""
     return next((s.strip() for s in str(text).splitlines() if s.strip()), "")
 
 
@@ -264,14 +265,14 @@ def _composition(ex: ConfigCompositionException) -> str:
             return f"{group}={choice}: no such option; valid: {', '.join(ex.options)}"
         if group:
             return f"{group}={choice}: no such option"
-        return _first_line(ex)
+        return first_line(ex)
     text, cause = str(ex), ex.__cause__
     if m := re.search(r"Override (\S+) looks like a config group override, but config group "
                       r"'([^']+)' does not exist", text):  # fmt: skip
         return f"{m[1]}: no config group {m[2]!r}; groups: {_groups()}"
     if m := re.search(r"Could not override '([^']+)'", text):
         key = m[1]
-        line = _first_line(text.split("use +", 1)[1]) if "use +" in text else key
+        line = first_line(text.split("use +", 1)[1]) if "use +" in text else key
         valid = _valid_keys(cause)
         hint = f"; valid keys here: {valid}" if valid else ""
         return f"{line}: no such key {key!r}{hint} (+{line} adds a new key)"
@@ -284,9 +285,9 @@ def _composition(ex: ConfigCompositionException) -> str:
             f"{m[1]}: a comma-separated value sweeps only with -m (--multirun); for a list write "
             "key=[a,b], for a string quote it: key='a,b'"
         )
-    line = _first_line(text) or type(ex).__name__
+    line = first_line(text) or type(ex).__name__
     if isinstance(cause, (OmegaConfBaseException, ConfigError)):
-        line = f"{line}: {_first_line(cause)}"
+        line = f"{line}: {first_line(cause)}"
     return line
 
 
@@ -298,7 +299,7 @@ def _non_name_choice(ex: ValueError) -> str:
         if eq and folder.is_dir() and not (folder / f"{choice}.yaml").exists():
             valid = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
             return f"{arg}: no such option; valid: {valid}"
-    return f"a config group option must be a name ({_first_line(ex)})"
+    return f"a config group option must be a name ({first_line(ex)})"
 
 
 def _valid_keys(cause: BaseException | None) -> str:
@@ -315,11 +316,11 @@ def _valid_keys(cause: BaseException | None) -> str:
 def describe(ex: BaseException) -> str | None:
     """The one-line message for a user error raised around the job, or None (a bug)."""
     if isinstance(ex, OverrideParseException):
-        return f"{ex.override}: cannot parse this override ({_first_line(ex.message)})"
+        return f"{ex.override}: cannot parse this override ({first_line(ex.message)})"
     if isinstance(ex, ConfigCompositionException):
         return _composition(ex)
     if isinstance(ex, SearchPathException):
-        return _first_line(ex)
+        return first_line(ex)
     if isinstance(ex, ValueError) and str(ex).startswith("Config group override must be"):
         return _non_name_choice(ex)  # `sae=0`, `model=null`: Hydra's plain ValueError
     if isinstance(ex, ConfigError):  # e.g. raised by a resolver while Hydra names the folder
@@ -328,7 +329,7 @@ def describe(ex: BaseException) -> str | None:
         return str(ex.__cause__)
     if isinstance(ex, CONFIG_VALUE_ERRORS):  # a bad ${...} or a ??? left unset
         key = getattr(ex, "full_key", None)
-        return f"{key}: {_first_line(ex)}" if key else _first_line(ex)
+        return f"{key}: {first_line(ex)}" if key else first_line(ex)
     if isinstance(ex, OSError) and _made_by_hydra(ex):
         return _output_error(ex)
     if (  # Hydra's job logging cannot open <run folder>/run.log (a read-only results folder)

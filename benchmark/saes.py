@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from baselines.base import SparseAutoencoder
 from baselines.foreign import safetensors_shapes
+from benchmark.cli_errors import first_line
 from benchmark.compose import CONF_DIR
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
@@ -126,7 +127,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
     try:
         tensors = load_file(weights_file, device="cpu")
     except Exception as e:  # noqa: BLE001  (safetensors' own error type: a damaged file)
-        raise ConfigError(f"{weights_file}: unreadable ({_first_line(e)})") from None
+        raise ConfigError(f"{weights_file}: unreadable ({first_line(e)})") from None
     sae = cls(**kwargs)  # the header matched: the file holds this SAE's size of data
     sae.load_state_dict(tensors)
     return sae.to(device)
@@ -141,7 +142,7 @@ def _read_plain_node(file: Path) -> dict[str, Any]:
     try:
         node = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file}: not plain YAML ({_first_line(e)})") from None
+        raise ConfigError(f"{file}: not plain YAML ({first_line(e)})") from None
     if not isinstance(node, dict):
         raise ConfigError(f"{file}: expected a mapping with _target_, got {type(node).__name__}")
     for key, value in node.items():
@@ -208,7 +209,7 @@ def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     try:
         return safetensors_shapes(file)
     except Exception as e:  # noqa: BLE001  (safetensors' own error type: a damaged file)
-        raise ConfigError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+        raise ConfigError(f"{file}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def _mismatch(want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]]) -> str:
@@ -222,7 +223,3 @@ def _mismatch(want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]]
 
 def _args(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in kwargs.items())
-
-
-def _first_line(text: object) -> str:
-    return next((s.strip() for s in str(text).splitlines() if s.strip()), "")
