@@ -27,6 +27,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import benchmark.massive  # noqa: F401  (registers ${model_norm_rule:}, which data configs read)
+
 # Top-level keys that never change a number.
 BOOKKEEPING = (
     "hydra",
@@ -39,6 +41,9 @@ BOOKKEEPING = (
 )
 # Nested keys that never change a number (checkpoint/resume is bit-exact; log rows are extra).
 BOOKKEEPING_NESTED = (("train", "checkpoint_every"), ("train", "log_every"), ("data", "harvest"))
+# Nested keys whose whole effect is another key's resolved value: the model's massive-activation
+# rule acts only through data.max_norm_multiple (benchmark/massive.py), which is hashed.
+DERIVED_NESTED = (("model", "massive_activations"),)
 HASH_CHARS = 16
 
 
@@ -46,7 +51,7 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     keep = [str(k) for k in cfg.keys() if k not in BOOKKEEPING]
     node = OmegaConf.masked_copy(cfg, keep) if len(keep) != len(cfg) else cfg
     out: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
-    for group, key in BOOKKEEPING_NESTED:
+    for group, key in BOOKKEEPING_NESTED + DERIVED_NESTED:
         if isinstance(out.get(group), dict):
             out[group].pop(key, None)
     # train.precision (tf32/bf16 change numbers) hashes only when it is not the default fp32,

@@ -17,6 +17,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from benchmark.errors import ConfigError
+from benchmark.massive import model_norm_rule
 from benchmark.train import check_precision_device
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -237,17 +238,25 @@ def evaluate_only(cfg: DictConfig) -> bool:
     return cfg.train.get("name") == "none"
 
 
+def _rule_note(cfg: DictConfig) -> str:
+    """Where data.max_norm_multiple came from when the model config's rule set it."""
+    from_rule = cfg.data.get("max_norm_multiple") == model_norm_rule(cfg)
+    where = f"{cfg.site.name} layer {cfg.layer.index}"
+    return f" (model.massive_activations sets it at {where})" if from_rule else ""
+
+
 def check_run(cfg: DictConfig) -> None:
     """All cheap checks of one run's config (raises ConfigError naming the bad value)."""
     check_root(cfg)
     check_targets(cfg)
     check_seed(cfg)
+    model_norm_rule(cfg)  # a malformed model.massive_activations, named
     check_group("data", cfg.data, DATA_KEYS)
     check_group("eval", cfg.eval, EVAL_KEYS)
     if cfg.data.get("stream") and cfg.data.get("max_norm_multiple") is not None:
         raise ConfigError(
-            f"data.max_norm_multiple={cfg.data.max_norm_multiple} needs cached activations: "
-            "set data.stream=false or data.max_norm_multiple=null"
+            f"data.max_norm_multiple={cfg.data.max_norm_multiple} needs cached activations"
+            f"{_rule_note(cfg)}: set data.stream=false or data.max_norm_multiple=null"
         )
     if evaluate_only(cfg):  # the SAE comes from a file: its size and sparsity are the file's
         if not cfg.sae.get("path"):

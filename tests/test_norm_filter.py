@@ -107,6 +107,51 @@ def test_identity():
     assert data_identity(on.data) == data_identity(off.data)
 
 
+def test_the_model_config_sets_the_rule_where_it_measured_massive_activations():
+    """data.max_norm_multiple defaults to the model's rule (conf/model/smollm2_135m.yaml:
+    massive_activations): 10 at the (site, layer) pairs it names, null elsewhere and for a
+    model without the block; an explicit value or null overrides it."""
+
+    def multiple(*overrides: str):
+        return compose_config(list(overrides)).data.max_norm_multiple
+
+    assert multiple() is None  # the quickstart's layer 6 residual: 9.6x at most
+    assert multiple("layer=middle") == 10 and multiple("layer=late") == 10  # 14, 22 residual
+    assert multiple("layer.index=11", "site=mlp") == 10  # where SmolLM2 writes them
+    assert multiple("layer=middle", "site=mlp") is None
+    assert multiple("layer=middle", "site=attention") is None
+    assert multiple("layer=middle", "data.max_norm_multiple=null") is None
+    assert multiple("layer=middle", "data.max_norm_multiple=20") == 20
+    assert multiple("model=gpt2_small", "layer.index=8") is None  # no rule: the paper's recipe
+    bad = compose_config(["layer=middle", "model.massive_activations.max_norm_multiple=0.5"])
+    with pytest.raises(ConfigError, match=r"^model\.massive_activations=.* is not valid"):
+        check_run(bad)
+
+
+def test_the_rule_keeps_the_hashes_of_the_committed_runs():
+    """A run the rule does not touch keeps its hash (the model block is not hashed, only the
+    resolved data.max_norm_multiple), and a run it touches has the hash of the same run with
+    the multiple set by hand: the folders of results/reference/paper_cpu (layer 6) and
+    results/reference/paper_cpu_maxnorm (layers 14 and 22, run with data.max_norm_multiple=10)."""
+    base = ["+experiment=paper_cpu", "sae=gated", "sparsity=l0_20", "seed=0"]
+    for folder, extra in (("paper_cpu", ["layer=early"]), ("paper_cpu", ["layer=early", "site=mlp"]),
+                          ("paper_cpu_maxnorm", ["layer=middle"])):  # fmt: skip
+        name = identity.run_name(compose_config([*base, *extra]), "gated")
+        assert (ROOT / "results" / "reference" / folder / "runs" / name / "result.json").is_file()
+    by_hand = compose_config([*base, "layer=middle", "data.max_norm_multiple=10",
+                              "~model.massive_activations"])  # fmt: skip
+    assert identity.config_hash(by_hand) == identity.config_hash(
+        compose_config([*base, "layer=middle"])
+    )
+
+
+def test_streaming_where_the_model_rule_applies_says_so():
+    cfg = compose_config(["layer=middle", "data.stream=true"])
+    with pytest.raises(ConfigError, match=r"\(model\.massive_activations sets it at residual "
+                       r"layer 14\): set data\.stream=false or data\.max_norm_multiple=null"):  # fmt: skip
+        check_run(cfg)
+
+
 class Recorder(nn.Module):
     """x_hat = 0 (zero ablation through the SAE path); remembers the rows it was given."""
 
