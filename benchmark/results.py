@@ -122,6 +122,10 @@ class ResultRecord:
     sae_source: dict[str, Any] | None = None  # where a released/foreign SAE's weights came from
     # data.max_norm_multiple: the limits in raw units and the rows left out (None: off)
     norm_filter: dict[str, Any] | None = None
+    # the trainer's loss-spike watch (benchmark.train.SPIKE_JUMP): the largest batch-FVU jump
+    # over its running average after the lr warm-up, and the first step over the limit
+    train_max_fvu_jump: float | None = None
+    train_spike_step: int | None = None
     error: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)  # flattened too
 

@@ -440,6 +440,8 @@ def build_record(
         peak_memory_mb=t.peak_memory_mb if t is not None else None,
         wall_seconds=0.0,
         resumed_from_step=t.resumed_from_step if t is not None else 0,
+        train_max_fvu_jump=t.max_fvu_jump if t is not None else None,
+        train_spike_step=t.spike_step if t is not None else None,
         choices=choices,
         config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
         run_dir=str(out),

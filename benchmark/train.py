@@ -100,6 +100,29 @@ def matmul_precision(
     return nullcontext()
 
 
+# A loss spike: one batch's FVU more than SPIKE_JUMP x the EMA (decay 0.9) of the batch FVUs
+# before it, at a step after the lr warm-up. A step that throws the SAE off its solution (Adam
+# with the paper's beta1 = 0 at a large lr) shows as a jump of orders of magnitude, while
+# healthy batches vary by up to ~3x (a batch holding a few high-norm tokens). Measured on the
+# quickstart's layer 6 residual, L0 40, seed 1: JumpReLU at lr 4e-3 jumped 1203x at step 188
+# and ended 95% dead; JumpReLU at 2e-3 and Gated at 4e-3 (healthy) 2.8x, TopK 1.7x. Training
+# goes on; the record, the tuning protocol (scripts/tune_cpu_recipe.py) and the report's
+# problems.csv flag it.
+SPIKE_JUMP = 10.0
+
+
+def spike_watch(state: TrainState, fvu: float, step: int, warmup_steps: int) -> None:
+    """Update the state's loss-spike watch with this step's batch FVU."""
+    if not math.isfinite(fvu):
+        return
+    if step >= warmup_steps and math.isfinite(state.fvu_ema) and state.fvu_ema > 0:
+        jump = fvu / state.fvu_ema
+        state.max_fvu_jump = max(state.max_fvu_jump, jump)
+        if jump > SPIKE_JUMP and state.spike_step < 0:
+            state.spike_step = step
+    state.fvu_ema = fvu if math.isnan(state.fvu_ema) else 0.9 * state.fvu_ema + 0.1 * fvu
+
+
 class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient or parameter; the last good checkpoint (if any) is left
     untouched."""
@@ -258,6 +281,12 @@ class TrainState:
     tokens_since_fired: Tensor | None = None  # (d_sae,) int64
     l0_ema: float = float("nan")
     history: list[dict[str, float]] = field(default_factory=list)
+    # Loss-spike watch (`spike_watch`): EMA of the batch FVU, the largest ratio of a batch's FVU
+    # to the EMA before it (after the lr warm-up), and the first step where it exceeded
+    # SPIKE_JUMP (-1: none).
+    fvu_ema: float = float("nan")
+    max_fvu_jump: float = 0.0
+    spike_step: int = -1
 
 
 @dataclass
@@ -273,6 +302,8 @@ class TrainResult:
     final_frac_dead: float  # fraction of latents silent for >= dead_window_tokens at the end
     dead_window_tokens: int  # the effective window (TrainConfig.dead_window)
     resumed_from_step: int = 0  # the checkpoint's step when the run resumed, else 0
+    max_fvu_jump: float = 0.0  # largest batch FVU / EMA of the batches before it (after warm-up)
+    spike_step: int | None = None  # first step whose jump exceeded SPIKE_JUMP (None: no spike)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -487,6 +518,9 @@ class Trainer:
             l0 = fired.sum(dim=-1).float().mean().item()
             since += x.shape[0]
             since[fired.any(dim=0)] = 0
+            var = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
+            fvu = (terms["mse"].detach().float() / var).item() if var > 0 else float("nan")
+        spike_watch(state, fvu, step, cfg.lr_warmup_steps)
         state.l0_ema = l0 if math.isnan(state.l0_ema) else 0.9 * state.l0_ema + 0.1 * l0
         if step < self.calibration_steps and self.sparsity.target_l0:
             # Integral control on log lambda (optionally with a gain annealed to 0).
@@ -528,6 +562,8 @@ class Trainer:
             final_frac_dead=_frac_dead(self.state, self.cfg),
             dead_window_tokens=self.cfg.dead_window,
             resumed_from_step=self.step0,
+            max_fvu_jump=self.state.max_fvu_jump,
+            spike_step=self.state.spike_step if self.state.spike_step >= 0 else None,
         )
 
 

@@ -33,6 +33,7 @@ batches, in the same order, for every candidate), so the candidates differ only 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from benchmark.activations import get_activation_store
 from benchmark.compose import compose_config
 from benchmark.fileio import atomic_write
 from benchmark.run import activation_stage, held_out_store, plan_run
-from benchmark.train import Trainer, train_group
+from benchmark.train import Trainer, TrainingDiverged, train_group
 
 LRS = (5.0e-4, 1.0e-3, 2.0e-3)
 TIE = 0.005  # relative: candidates within 0.5% of the best mean FVU are tied
@@ -75,19 +76,40 @@ KNOBS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
 }  # fmt: skip
 
 
-def run_arch(arch: str, args: argparse.Namespace, targets: list[int]) -> list[dict]:
+class _Watched(Trainer):
+    """A candidate whose divergence (a non-finite loss, gradient or parameter) ends only its own
+    run: the lockstep group goes on without it (its state.step stays at the failed step, so
+    `train_group` feeds it no more batches) and the row records the failure."""
+
+    failure: str | None = None
+
+    def step(self, x: torch.Tensor) -> None:
+        try:
+            super().step(x)
+        except TrainingDiverged as e:
+            self.failure = str(e).split(";")[0]
+
+
+def run_arch(arch: str, args: argparse.Namespace, targets: list[int], seed: int,
+             site: str, done: set[tuple]) -> list[dict]:  # fmt: skip
+    """Train and measure `arch`'s candidates at (seed, site); those in `done` (sae, seed, site,
+    lr, value, target) are skipped (a resumed tuning)."""
     knob, values = KNOBS[arch]
-    base = ["+experiment=quickstart", f"layer.index={args.layer}", f"site={args.site}",
-            f"sae={arch}", f"seed={args.seed}", "progress=false"]  # fmt: skip
+    base = ["+experiment=quickstart", f"layer.index={args.layer}", f"site={site}",
+            f"sae={arch}", f"seed={seed}", "progress=false"]  # fmt: skip
     jobs = []
     for lr in args.lrs:
         for label, extra in values:
             if args.values and label not in args.values:
                 continue
             for target in targets:
+                if (arch, seed, site, lr, label, target) in done:
+                    continue
                 cfg = compose_config([*base, f"sparsity=l0_{target}", f"train.lr={lr}", *extra])
-                jobs.append(({"sae": arch, "lr": lr, "knob": knob, "value": label,
-                              "target_l0": target}, cfg))  # fmt: skip
+                jobs.append(({"sae": arch, "seed": seed, "site": site, "lr": lr, "knob": knob,
+                              "value": label, "target_l0": target}, cfg))  # fmt: skip
+    if not jobs:
+        return []
     cfg0 = jobs[0][1]
     train_store = get_activation_store(None, cfg0, split="train")
     held_out = held_out_store(cfg0, None)
@@ -95,11 +117,11 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int]) -> list[di
     trainers = []
     for plan in plans:
         assert plan.train is not None and plan.sparsity is not None  # trained, not loaded
-        trainers.append(Trainer(plan.sae, plan.train, plan.sparsity, progress=False))
+        trainers.append(_Watched(plan.sae, plan.train, plan.sparsity, progress=False))
     batch_size = trainers[0].cfg.batch_size
 
     def batches(skip: int):
-        it = train_store.batches(batch_size, seed=args.seed)
+        it = train_store.batches(batch_size, seed=seed)
         for _ in range(skip):
             next(it)
         return it
@@ -107,39 +129,88 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int]) -> list[di
     t0 = time.perf_counter()
     results = train_group(trainers, ["train"] * len(trainers), {"train": batches},
                           progress=False)  # fmt: skip
-    print(f"{arch}: {len(trainers)} SAEs trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"{arch} seed {seed} {site}: {len(trainers)} SAEs trained in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
     rows = []
-    for (row, cfg), plan, result in zip(jobs, plans, results, strict=True):
-        plan.sae.fold_scale(train_store.norm_scale)
-        metrics, _ = activation_stage(cfg, plan.sae, held_out, torch.device("cpu"))
-        row.update({k: metrics[k] for k in ("l0", "fvu", "frac_dead", "frac_freq_over_10pct")})
-        row.update(train_l0=result.train_l0, coefficient=result.coefficient,
-                   n_activation_tokens=held_out.n_tokens)  # fmt: skip
+    for (row, cfg), plan, result, trainer in zip(jobs, plans, results, trainers, strict=True):
+        row.update(diverged=trainer.failure, spike_step=result.spike_step,
+                   max_fvu_jump=result.max_fvu_jump, train_l0=result.train_l0,
+                   coefficient=result.coefficient, n_activation_tokens=held_out.n_tokens)  # fmt: skip
+        if trainer.failure is None:
+            plan.sae.fold_scale(train_store.norm_scale)
+            metrics, _ = activation_stage(cfg, plan.sae, held_out, torch.device("cpu"))
+            row.update({k: metrics[k] for k in ("l0", "fvu", "frac_dead", "frac_freq_over_10pct")})
+        else:
+            row.update(l0=float("nan"), fvu=float("nan"), frac_dead=float("nan"),
+                       frac_freq_over_10pct=float("nan"))  # fmt: skip
         print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         rows.append(row)
     return rows
 
 
+KEYS = ["sae", "lr", "knob", "value"]
+
+
+def health(runs: pd.DataFrame, tolerance: float) -> pd.Series:
+    """Each run's problem ("" when healthy): diverged (non-finite), a loss spike flagged by the
+    trainer (benchmark.train.SPIKE_JUMP), or held-out L0 more than `tolerance` off target."""
+
+    def one(r) -> str:
+        if isinstance(r.diverged, str) and r.diverged:
+            return "diverged"
+        if pd.notna(r.spike_step):
+            return f"spike@{int(r.spike_step)}"
+        if not abs(r.l0 / r.target_l0 - 1) <= tolerance:
+            return f"L0 {r.l0:.1f}"
+        return ""
+
+    return runs.apply(one, axis=1)
+
+
 def choose(runs: pd.DataFrame, tolerance: float) -> pd.DataFrame:
-    """One row per (sae, lr, knob value): FVU, L0 and dead per target, the mean FVU, whether it
-    is eligible (L0 within `tolerance` of every target) and which one is chosen."""
-    runs = runs.assign(l0_off=(runs["l0"] / runs["target_l0"] - 1).abs())
-    keys = ["sae", "lr", "knob", "value"]
-    wide = runs.pivot_table(index=keys, columns="target_l0",
-                            values=["fvu", "l0", "frac_dead"])  # fmt: skip
-    wide.columns = [f"{m}@{t}" for m, t in wide.columns]
-    summary = runs.groupby(keys).agg(mean_fvu=("fvu", "mean"), max_l0_off=("l0_off", "max"),
-                                     max_dead=("frac_dead", "max"))  # fmt: skip
-    table = summary.join(wide).reset_index()
-    first = {sae: values[0][0] for sae, (_, values) in KNOBS.items()}
-    table["before"] = (table["lr"] == BEFORE_LR) & (table["value"] == table["sae"].map(first))
-    table["eligible"] = table["max_l0_off"] <= tolerance
+    """One row per candidate recipe (sae, lr, knob value) over every (seed, site, target) run:
+    mean held-out FVU, mean FVU per site, worst L0 error, worst dead fraction, largest batch-FVU
+    jump, the unhealthy runs, whether it is eligible (every run healthy), its stability margin
+    (the same recipe at twice the lr: every run healthy too) and which one is chosen: the lowest
+    mean FVU among the eligible candidates with a margin (among the eligible ones, saying so,
+    when none has one)."""
+    runs = runs.assign(problem=health(runs, tolerance),
+                       l0_off=(runs["l0"] / runs["target_l0"] - 1).abs())  # fmt: skip
+    runs["where"] = ("s" + runs["seed"].astype(str) + "/" + runs["site"].str[:3] + "/"
+                     + runs["target_l0"].astype(str))  # fmt: skip
+    n_expected = runs.groupby("sae").apply(
+        lambda g: g[["seed", "site", "target_l0"]].drop_duplicates().shape[0]
+    )
+    table = runs.groupby(KEYS).agg(
+        runs=("fvu", "size"), mean_fvu=("fvu", "mean"), max_l0_off=("l0_off", "max"),
+        max_dead=("frac_dead", "max"), max_jump=("max_fvu_jump", "max"),
+    ).reset_index()  # fmt: skip
+    by_site = runs.pivot_table(index=KEYS, columns="site", values="fvu", aggfunc="mean")
+    by_site.columns = [f"fvu_{c}" for c in by_site.columns]
+    table = table.merge(by_site.reset_index(), on=KEYS)
+    bad = (
+        runs[runs["problem"] != ""]
+        .groupby(KEYS)
+        .apply(lambda g: ", ".join(f"{w} {p}" for w, p in zip(g["where"], g["problem"])))
+    )
+    table["unhealthy"] = [bad.get(tuple(r[k] for k in KEYS), "") for _, r in table.iterrows()]
+    table["eligible"] = (table["unhealthy"] == "") & (table["runs"] == table["sae"].map(n_expected))
+    ok = {tuple(r[k] for k in KEYS): bool(r["eligible"]) for _, r in table.iterrows()}
+
+    def margin(r) -> str:
+        up = ok.get((r["sae"], 2 * r["lr"], r["knob"], r["value"]))
+        return "untested" if up is None else ("healthy" if up else "unhealthy")
+
+    table["margin_2x_lr"] = table.apply(margin, axis=1)
     table["chosen"] = False
-    for sae, rows in table[table["eligible"]].groupby("sae"):
+    first = {sae: values[0][0] for sae, (_, values) in KNOBS.items()}
+    for _, rows in table[table["eligible"]].groupby("sae"):
+        safe = rows[rows["margin_2x_lr"] == "healthy"]
+        pool = safe if len(safe) else rows
         # a tie (mean FVU within TIE of the best) keeps the knob's first value, the recipe's
         # value before the protocol, rather than letting noise move it
-        tied = rows[rows["mean_fvu"] <= rows["mean_fvu"].min() * (1 + TIE)]
-        keep = tied[tied["value"] == first.get(sae)]
+        tied = pool[pool["mean_fvu"] <= pool["mean_fvu"].min() * (1 + TIE)]
+        keep = tied[tied["value"] == tied["sae"].map(first)]
         table.loc[(keep if len(keep) else tied)["mean_fvu"].idxmin(), "chosen"] = True
     return table
 
@@ -147,41 +218,56 @@ def choose(runs: pd.DataFrame, tolerance: float) -> pd.DataFrame:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layer", type=int, default=6)
-    p.add_argument("--site", default="residual")
+    p.add_argument("--sites", default="residual,mlp,attention")
     p.add_argument("--targets", default="20,40,80")
     p.add_argument("--saes", default="jumprelu,gated,topk")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1")
     p.add_argument("--l0-tolerance", type=float, default=0.05)
     p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS),
                    help="learning rates (default: the protocol's)")  # fmt: skip
     p.add_argument("--values", default="", help="only these knob values (comma-separated)")
     p.add_argument("--append", action="store_true",
                    help="add to --out's runs.csv (a further round of the same protocol)")  # fmt: skip
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite tuning.csv / tuning.md from --out's runs.csv; train nothing")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("results/reference/tuning_cpu"))
     args = p.parse_args()
     args.lrs = [float(lr) for lr in args.lrs.split(",")]
     args.values = [v for v in args.values.split(",") if v]
     targets = [int(t) for t in args.targets.split(",")]
-    rows: list[dict] = []
-    for arch in args.saes.split(","):
-        if arch not in KNOBS:
-            raise SystemExit(f"--saes: {arch!r} has no protocol; choose from {sorted(KNOBS)}")
-        rows += run_arch(arch, args, targets)
-    runs = pd.DataFrame(rows)
-    if args.append and (args.out / "runs.csv").exists():
-        before = pd.read_csv(args.out / "runs.csv", dtype={"value": str})
-        runs = pd.concat([before, runs], ignore_index=True).drop_duplicates(
-            ["sae", "lr", "value", "target_l0"], keep="last"
-        )
-    table = choose(runs, args.l0_tolerance)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "runs.csv", lambda f: runs.to_csv(f, index=False))
+    runs_csv = args.out / "runs.csv"
+    before = (pd.read_csv(runs_csv, dtype={"value": str, "diverged": str})
+              if (args.append or args.report_only) and runs_csv.exists() else None)  # fmt: skip
+    runs = before if before is not None else pd.DataFrame()
+    if not args.report_only:
+        for arch in args.saes.split(","):
+            if arch not in KNOBS:
+                raise SystemExit(f"--saes: {arch!r} has no protocol; choose from {sorted(KNOBS)}")
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            for site in args.sites.split(","):
+                for arch in args.saes.split(","):
+                    done = {(r.sae, int(r.seed), r.site, float(r.lr), str(r.value),
+                             int(r.target_l0)) for r in runs.itertuples()} if len(runs) else set()  # fmt: skip
+                    new = pd.DataFrame(run_arch(arch, args, targets, seed, site, done))
+                    runs = pd.concat([runs, new], ignore_index=True).drop_duplicates(
+                        ["sae", "seed", "site", "lr", "value", "target_l0"], keep="last"
+                    )
+                    # after every (seed, site, architecture): a killed tuning keeps its runs
+                    atomic_write(runs_csv, functools.partial(runs.to_csv, index=False))
+    table = choose(runs, args.l0_tolerance)
     atomic_write(args.out / "tuning.csv", lambda f: table.to_csv(f, index=False))
+    seeds = ",".join(str(x) for x in sorted(runs["seed"].unique()))
+    sites = ",".join(sorted(runs["site"].unique()))
     text = (
-        f"# Tuning protocol: layer {args.layer} {args.site}, targets {args.targets}, seed "
-        f"{args.seed}, quickstart budgets on train=cpu; held-out activation set of "
-        f"{int(runs['n_activation_tokens'].iloc[0]):,} tokens. Eligible: held-out L0 within "
-        f"{args.l0_tolerance:.0%} of every target; chosen: lowest mean FVU among the eligible.\n\n"
+        f"# Tuning protocol: layer {args.layer}, sites {sites}, targets {args.targets}, seeds "
+        f"{seeds}; quickstart budgets on train=cpu; held-out activation set of "
+        f"{int(runs['n_activation_tokens'].iloc[0]):,} tokens.\n\nA run is healthy when it "
+        f"did not diverge, the trainer flagged no loss spike (a batch FVU over 10x the running "
+        f"EMA after the lr warm-up) and its held-out L0 is within {args.l0_tolerance:.0%} of the "
+        "target. Eligible: every run of the recipe healthy. Margin: the same recipe at twice the "
+        "lr is eligible too. Chosen: the lowest mean FVU among the eligible recipes with a "
+        "margin (ties within 0.5% keep the knob's earlier value).\n\n"
         + table.to_markdown(index=False, floatfmt=".4g")
         + "\n"
     )

@@ -359,3 +359,23 @@ def test_history_coefficient_is_the_lambda_used_in_the_step():
     res = train_sae(sae, synthetic_batches(), c, Sparsity("coefficient"), progress=False)
     # Linear warm-up over 10 steps: the row of step s used lambda at step index s - 1.
     assert [r["coefficient"] for r in res.history] == pytest.approx([0.0, 4e-3, 9e-3, 1e-2, 1e-2])
+
+
+def test_spike_watch_by_hand():
+    """The loss-spike watch: the EMA (0.9) of the batch FVU, the largest ratio of a batch's FVU
+    to the EMA before it from the lr warm-up's end, the first step over SPIKE_JUMP."""
+    from benchmark.train import SPIKE_JUMP, TrainState, spike_watch
+
+    state = TrainState()
+    for step, fvu in enumerate([1.0, 0.5, 9.0, 0.2, 0.2, 5.0]):
+        spike_watch(state, fvu, step, warmup_steps=3)
+    # EMA: 1.0, 0.95, 1.755 (step 2 is in the warm-up: 9.0 is not judged), then step 3:
+    # 0.2 / 1.755; EMA 1.5995; step 4: 0.2 / 1.5995; EMA 1.45955; step 5: 5.0 / 1.45955
+    assert state.max_fvu_jump == pytest.approx(5.0 / 1.45955, rel=1e-9)
+    assert state.spike_step == -1 and 5.0 / 1.45955 < SPIKE_JUMP
+    spike_watch(state, 100.0, 6, warmup_steps=3)  # 100 / 1.813595: a spike
+    assert state.spike_step == 6 and state.max_fvu_jump == pytest.approx(100 / 1.813595)
+    spike_watch(state, 1000.0, 7, warmup_steps=3)
+    assert state.spike_step == 6  # the first one is kept
+    spike_watch(state, float("nan"), 8, warmup_steps=3)  # a NaN FVU (zero variance) is skipped
+    assert math.isfinite(state.fvu_ema)

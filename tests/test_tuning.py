@@ -15,28 +15,63 @@ tune = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tune)
 
 
-def runs(sae: str, value: str, lr: float, fvu: list[float], l0: list[float], dead=0.0):
-    return [{"sae": sae, "lr": lr, "knob": "k", "value": value, "target_l0": t, "l0": got,
-             "fvu": f, "frac_dead": dead} for t, f, got in zip((20, 40, 80), fvu, l0)]  # fmt: skip
+def runs(
+    sae: str,
+    value: str,
+    lr: float,
+    fvu: list[float],
+    l0: list[float],
+    dead=0.0,
+    seeds=(0, 1),
+    sites=("residual", "mlp"),
+    problem: dict | None = None,
+) -> list[dict]:
+    """One candidate's runs at every (seed, site, target 20/40/80), the same numbers at each;
+    `problem` = {(seed, site, target): {field: value}} spoils one run."""
+    out = []
+    for seed in seeds:
+        for site in sites:
+            for t, f, got in zip((20, 40, 80), fvu, l0):
+                row = {"sae": sae, "seed": seed, "site": site, "lr": lr, "knob": "k",
+                       "value": value, "target_l0": t, "l0": got, "fvu": f, "frac_dead": dead,
+                       "diverged": None, "spike_step": None, "max_fvu_jump": 2.0}  # fmt: skip
+                out.append(row | (problem or {}).get((seed, site, t), {}))
+    return out
 
 
-def test_lowest_mean_fvu_among_candidates_on_target_at_every_l0() -> None:
+def test_lowest_mean_fvu_among_healthy_recipes_with_a_margin() -> None:
+    spike = {(1, "residual", 40): {"spike_step": 188, "max_fvu_jump": 1203.0, "l0": 13.3}}
     frame = pd.DataFrame(
         runs("jumprelu", "constant", 1e-3, [0.20, 0.15, 0.12], [20.3, 39.0, 78.0])
-        + runs("jumprelu", "constant", 4e-3, [0.15, 0.12, 0.10], [20.5, 41.4, 82.9])
-        # the best FVU, but 6.5% under its target at L0 20: not eligible
-        + runs("jumprelu", "quantile", 2e-3, [0.10, 0.10, 0.09], [18.7, 38.9, 79.7])
+        + runs("jumprelu", "constant", 2e-3, [0.17, 0.13, 0.10], [19.5, 39.5, 79.7])
+        # the best FVU, but seed 1 spiked at residual L0 40: not eligible
+        + runs("jumprelu", "constant", 4e-3, [0.15, 0.12, 0.10], [20.5, 41.4, 82.9], problem=spike)
     )
-    table = tune.choose(frame, tolerance=0.05)
-    chosen = table[table["chosen"]]
-    assert chosen[["lr", "value"]].values.tolist() == [[4e-3, "constant"]]
-    assert chosen["mean_fvu"].item() == pytest.approx((0.15 + 0.12 + 0.10) / 3)
-    assert chosen["max_l0_off"].item() == pytest.approx(82.9 / 80 - 1)
-    quantile = table[table["value"] == "quantile"]
-    assert not quantile["eligible"].item() and quantile["max_l0_off"].item() == pytest.approx(
-        1 - 18.7 / 20
+    table = tune.choose(frame, tolerance=0.05).set_index("lr")
+    assert table.loc[4e-3, "unhealthy"] == "s1/res/40 spike@188"
+    assert not table.loc[4e-3, "eligible"] and table.loc[4e-3, "max_jump"] == 1203.0
+    assert table.loc[2e-3, "eligible"] and table.loc[2e-3, "margin_2x_lr"] == "unhealthy"
+    assert table.loc[1e-3, "margin_2x_lr"] == "healthy"
+    # 2e-3 has the lower FVU but no margin: 1e-3 (whose double is healthy) is chosen
+    assert table["chosen"].tolist() == [True, False, False]
+    assert table.loc[1e-3, "mean_fvu"] == pytest.approx((0.20 + 0.15 + 0.12) / 3)
+    assert table.loc[1e-3, "runs"] == 12  # 2 seeds x 2 sites x 3 targets
+
+
+def test_off_target_or_diverged_is_unhealthy_and_no_margin_falls_back() -> None:
+    off = {(0, "mlp", 20): {"l0": 18.7}}  # 6.5% under its target
+    gone = {(1, "mlp", 80): {"diverged": "non-finite loss", "l0": float("nan")}}
+    frame = pd.DataFrame(
+        runs("gated", "0.01", 1e-3, [0.20, 0.15, 0.12], [20, 40, 80], problem=off)
+        + runs("gated", "0.01", 2e-3, [0.18, 0.14, 0.11], [20, 40, 80])
+        + runs("gated", "0.01", 4e-3, [0.17, 0.13, 0.10], [20, 40, 80], problem=gone)
     )
-    assert table.loc[table["lr"] == 1e-3, "before"].item()  # lr 1e-3 x the first knob value
+    table = tune.choose(frame, tolerance=0.05).set_index("lr")
+    assert table.loc[1e-3, "unhealthy"] == "s0/mlp/20 L0 18.7"
+    assert table.loc[4e-3, "unhealthy"] == "s1/mlp/80 diverged"
+    assert table.loc[2e-3, "margin_2x_lr"] == "unhealthy"
+    # the only eligible recipe has no margin: it is chosen, and the table says so
+    assert table["chosen"].tolist() == [False, True, False]
 
 
 def test_a_tie_keeps_the_knobs_value_before_the_protocol() -> None:
@@ -56,7 +91,7 @@ def test_a_tie_keeps_the_knobs_value_before_the_protocol() -> None:
 
 def test_the_committed_table_is_the_rule_applied_to_the_committed_runs() -> None:
     folder = ROOT / "results" / "reference" / "tuning_cpu"
-    frame = pd.read_csv(folder / "runs.csv", dtype={"value": str})
+    frame = pd.read_csv(folder / "runs.csv", dtype={"value": str, "diverged": str})
     again = tune.choose(frame, tolerance=0.05)
     committed = pd.read_csv(folder / "tuning.csv", dtype={"value": str})
     key = ["sae", "lr", "value"]
