@@ -134,8 +134,26 @@ def scored_positions(mask: Tensor) -> Tensor:
 
 def _ce_sum(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
     """[sum of CE, count] over the scored predictor positions (float64)."""
+    return _ce_windows(logits, tokens, mask).sum(dim=0)
+
+
+def _ce_windows(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """(windows, 2): each window's [sum of CE, count] over its scored positions (float64)."""
     pm = scored_positions(mask)
-    return torch.stack([next_token_losses(logits, tokens)[pm].double().sum(), pm.sum().double()])
+    losses = torch.where(pm, next_token_losses(logits, tokens).double(), 0.0)
+    return torch.stack([losses.sum(dim=-1), pm.sum(dim=-1).double()], dim=-1)
+
+
+def ratio_se(d: Tensor, n: Tensor) -> float:
+    """Standard error of the ratio sum(d) / sum(n) over W sampling units (the LM set's
+    windows), linearised: sqrt(W / (W - 1) * sum_w (d_w - R n_w)^2) / sum(n), R = sum(d) /
+    sum(n) (the cluster-robust SE of a mean over positions that come in windows; NaN for W < 2)."""
+    d, n = d.double(), n.double()
+    if len(d) < 2 or n.sum() <= 0:
+        return float("nan")
+    r = d.sum() / n.sum()
+    w = len(d)
+    return float(torch.sqrt(w / (w - 1) * ((d - r * n) ** 2).sum()) / n.sum())
 
 
 def _splice_hook(replace: Callable[[Tensor, Tensor], Tensor], mask: Tensor):
@@ -188,11 +206,26 @@ def _cached(path: Path | None) -> float | None:
     return float(json.loads(path.read_text())["value"])
 
 
-def _store(path: Path | None, value: float) -> float:
-    """Cache `value` at `path`, atomically (safe under concurrent jobs); returns it."""
+def _cached_windows(path: Path | None, n_windows: int) -> Tensor | None:
+    """The per-window [CE sum, count] cached beside the value at `path` (the clean loss), or
+    None when absent (a cache written before they were kept) or of another length."""
+    if path is None or not path.exists():
+        return None
+    windows = json.loads(path.read_text()).get("windows")
+    if not isinstance(windows, list) or len(windows) != n_windows:
+        return None
+    return torch.tensor(windows, dtype=torch.float64)
+
+
+def _store(path: Path | None, value: float, windows: Tensor | None = None) -> float:
+    """Cache `value` (and the per-window sums) at `path`, atomically (safe under concurrent
+    jobs); returns it."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {"value": value})
+        entry: dict[str, Any] = {"value": value}
+        if windows is not None:
+            entry["windows"] = windows.tolist()
+        write_json_atomic(path, entry)
     return value
 
 
@@ -342,11 +375,14 @@ def evaluate_group(
         for h in hooks
     }
     clean_ce = _cached(clean_path)
+    clean_windows = _cached_windows(clean_path, len(tokens))
+    if clean_windows is None:  # the per-window sums (for delta_lm_loss_se) are computed too
+        clean_ce = None
     zero_ce = {h: _cached(p) for h, p in zero_paths.items()}
     zero_todo = [h for h in hooks if zero_ce[h] is None]
 
-    spliced = [torch.zeros(2, dtype=torch.float64) for _ in members]
-    clean = torch.zeros(2, dtype=torch.float64)
+    spliced: list[list[Tensor]] = [[] for _ in members]  # per batch: (windows, 2)
+    clean_parts: list[Tensor] = []
     zero = {h: torch.zeros(2, dtype=torch.float64) for h in zero_todo}
     kl_sums = [0.0 for _ in members]
     bar = progress_display(len(tokens), "evaluate LM (spliced)", unit="window", enabled=progress)
@@ -357,28 +393,34 @@ def evaluate_group(
         clean_logits = None
         if kl_div or clean_ce is None:
             clean_logits = run_from(model, resid, start, [])
-            clean += _ce_sum(clean_logits, t, m).cpu()
+            clean_parts.append(_ce_windows(clean_logits, t, m).cpu())
         for h in zero_todo:
             ablate = _splice_hook(limited(zero_splice, limits[h]), m)
             zero[h] += _ce_sum(run_from(model, resid, start, [(h, ablate)]), t, m).cpu()
         for j, (_, hook) in enumerate(members):
             logits = run_from(model, resid, start, [(hook, _splice_hook(splices[j], m))])
-            spliced[j] += _ce_sum(logits, t, m).cpu()
+            spliced[j].append(_ce_windows(logits, t, m).cpu())
             if kl_div and clean_logits is not None:
                 kl_sums[j] += _kl_sum(clean_logits, logits, pm)
             del logits
         bar.update(len(t))
     bar.close()
 
+    clean = torch.cat(clean_parts).sum(dim=0) if clean_parts else None
     if clean_ce is None:
-        clean_ce = _store(clean_path, (clean[0] / clean[1]).item())
+        assert clean is not None
+        clean_windows = torch.cat(clean_parts)
+        clean_ce = _store(clean_path, (clean[0] / clean[1]).item(), clean_windows)
+    assert clean_windows is not None
     for h in zero_todo:
         zero_ce[h] = _store(zero_paths[h], (zero[h][0] / zero[h][1]).item())
     results = []
     for j, (_, hook) in enumerate(members):
         z = zero_ce[hook]
         assert z is not None
-        spliced_ce = (spliced[j][0] / spliced[j][1]).item()
+        windows = torch.cat(spliced[j])  # (W, 2)
+        total = windows.sum(dim=0)
+        spliced_ce = (total[0] / total[1]).item()
         assert stats[j]["n"] > 0, "no evaluation position passed the mask"
         gap = z - clean_ce
         results.append({
@@ -387,9 +429,11 @@ def evaluate_group(
             "zero_ce_loss": z,
             "delta_lm_loss": spliced_ce - clean_ce,
             "ce_loss_recovered": (z - spliced_ce) / gap if gap >= CE_RECOVERED_MIN_GAP else None,
-            "kl_div": kl_sums[j] / clean[1].item() if kl_div else float("nan"),
+            "delta_lm_loss_se": ratio_se(windows[:, 0] - clean_windows[:, 0], windows[:, 1]),
+            "kl_div": kl_sums[j] / total[1].item() if kl_div else float("nan"),
             "splice_l0": stats[j]["active"] / stats[j]["n"],
-            "n_lm_tokens": float(spliced[j][1].item()),
+            "n_lm_tokens": float(total[1].item()),
+            "n_lm_windows": float(len(windows)),
         })  # fmt: skip
     return results
 

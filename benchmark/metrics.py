@@ -10,8 +10,10 @@ Two evaluation sets, both from the held-out split that training never reads:
   labels say (a latent that fires once in 3,000 tokens is not dead), and cost little.
 - the *LM set*: `data.n_eval_tokens` tokens in windows spread evenly over the held-out split,
   run through the language model clean and with the SAE spliced in. The cross-entropy metrics
-  are measured here. `splice_l0` (L0 on these tokens) is recorded beside `l0` so that a user
-  can see that the sample is representative.
+  are measured here, with `splice_l0` (L0 on these tokens): the report reads the LM metrics at
+  `splice_l0` and the activation-set metrics at `l0`, so the LM set need not be representative
+  of the activation set's L0, only large enough for its error bars (`delta_lm_loss_se`, over
+  its `n_lm_windows` windows).
 
 Pure Python: importing it pulls in no torch, so a report can be made from copied result files.
 """
@@ -99,6 +101,14 @@ METRICS: dict[str, Metric] = {
         False,
         LM,
     ),
+    "delta_lm_loss_se": Metric(
+        "standard error of delta_lm_loss over the LM set's windows (the sampling units): "
+        "sqrt(W/(W-1) * sum_w (d_w - D n_w)^2) / sum_w n_w, d_w a window's summed spliced - "
+        "clean CE, n_w its scored positions, D = delta_lm_loss, W = n_lm_windows",
+        "SE of delta LM loss (nats)",
+        False,
+        LM,
+    ),
     "ce_loss_recovered": Metric(
         "(zero_ce_loss - spliced_ce_loss) / (zero_ce_loss - clean_ce_loss); null when the "
         "denominator is below ce_recovered_min_gap nats (zero ablation barely hurts: the "
@@ -115,8 +125,8 @@ METRICS: dict[str, Metric] = {
         LM,
     ),
     "splice_l0": Metric(
-        "L0 on the LM set's spliced positions (a check that the LM set is representative: "
-        "compare with l0)",
+        "L0 on the LM set's spliced positions: the L0 at which the LM metrics (delta_lm_loss, "
+        "ce_loss_recovered, kl_div) are read in the report's curves and matched-L0 claims",
         "L0 on the LM set",
         False,
         LM,

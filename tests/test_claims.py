@@ -154,18 +154,27 @@ def test_end_point_cells_are_not_evidence(tmp_path: Path, tolerance: float) -> N
     assert "d over 1 cells" in row["evidence"]  # only the interpolated cell at 40 counts
 
 
-def test_an_unrepresentative_lm_set_is_left_out_of_lm_claims_only(tmp_path: Path) -> None:
+def test_lm_metrics_are_read_at_their_own_l0(tmp_path: Path) -> None:
+    """delta LM loss is interpolated along splice_l0 (the L0 on the LM set's positions), not
+    along the activation set's l0: a run whose LM set reads L0 86 where the held-out set reads
+    80 counts, at its own L0, and no seed is left out for it."""
     for seed in range(3):
         write_run(tmp_path, l0=20, target_l0=20, delta_lm_loss=0.2, seed=seed)
-        splice_l0 = 86.0 if seed == 0 else 80.0  # +7.5%: the run's LM set is unrepresentative
+        splice_l0 = 86.0 if seed == 0 else 80.0  # +7.5% on the LM set for seed 0
         write_run(tmp_path, l0=80, target_l0=80, delta_lm_loss=0.1, seed=seed, splice_l0=splice_l0)
         curve(tmp_path, {20: 0.3, 80: 0.2}, seed=seed, sae="gated")
     judged = judge_claims(load_results(tmp_path)[0], [20, 40, 80])
-    assert cell(judged, FIG_2A, 20)["n_seeds"] == 3  # seed 0's run at 20 is fine
-    for target in (40, 80):  # made from seed 0's run at 80
-        c = cell(judged, FIG_2A, target)
-        assert c["n_seeds"] == 2 and c["verdict"] == "holds"
-        assert c["note"] == "1 of 3 seeds left out (unrepresentative LM set)"
+    # seed 0 at 40, by hand: linear in log L0 between (20, 0.2) and (86, 0.1)
+    w = math.log(40 / 20) / math.log(86 / 20)
+    seed0 = 0.2 + w * (0.1 - 0.2)  # 0.15248; seeds 1 and 2: 0.15 (halfway in log L0)
+    c = cell(judged, FIG_2A, 40)
+    assert c["n_seeds"] == 3 and c["note"] == "" and c["verdict"] == "holds"
+    assert c["value_a"] == pytest.approx((seed0 + 0.15 + 0.15) / 3, abs=1e-9)
+    assert c["value_b"] == pytest.approx(0.25, abs=1e-9)
+    # at 80 seed 0's LM curve is interpolated (86 lies beyond), the others hit their point
+    w80 = math.log(80 / 20) / math.log(86 / 20)
+    at_80 = cell(judged, FIG_2A, 80)
+    assert at_80["value_a"] == pytest.approx((0.2 - 0.1 * w80 + 0.1 + 0.1) / 3, abs=1e-9)
     assert (judged.cells.loc[judged.cells["claim"] == FIG_5_JUMPRELU, "n_seeds"] == 3).all()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -59,6 +61,16 @@ def test_next_token_losses_by_hand():
     z = torch.logsumexp(torch.tensor([0.0, 0.0, 2.0, 0.0]), 0)
     assert ce[0, 0].item() == pytest.approx((z - 2.0).item())
     assert ce[0, 1].item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
+
+
+def test_ratio_se_by_hand():
+    """The LM set's SE: the linearised SE of sum(d) / sum(n) over windows."""
+    # R = 6 / 4 = 1.5; residuals d - R n = -0.5, 0.5, 0; sqrt(3/2 * 0.5) / 4
+    d, n = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 1.0, 2.0])
+    assert ev.ratio_se(d, n) == pytest.approx((1.5 * 0.5) ** 0.5 / 4, rel=1e-12)
+    # equal window sizes: the plain standard error of the windows' means (sd 1 / sqrt(3))
+    assert ev.ratio_se(d, torch.ones(3)) == pytest.approx(3**-0.5, rel=1e-12)
+    assert ev.ratio_se(torch.tensor([1.0]), torch.tensor([2.0])) != ev.ratio_se(d, n)  # NaN
 
 
 # --- on the real bundled model -----------------------------------------------------------------
@@ -139,6 +151,38 @@ def test_cached_losses_are_reused(bundled_model, eval_set, tmp_path, monkeypatch
     assert len(passes) == n_batches  # the spliced pass only: no clean, no zero-ablation pass
     assert again["clean_ce_loss"] == first["clean_ce_loss"]
     assert again["zero_ce_loss"] == first["zero_ce_loss"]
+    # the clean cache keeps the per-window sums the SE needs (a cache without them is
+    # recomputed): one [CE sum, count] per window
+    (clean,) = (tmp_path / "losses").glob("clean-*.json")
+    assert len(json.loads(clean.read_text())["windows"]) == len(tokens)
+    assert again["delta_lm_loss_se"] == first["delta_lm_loss_se"]
+
+
+@pytest.mark.integration
+def test_delta_lm_loss_se_by_hand(bundled_model, eval_set):
+    """delta_lm_loss_se: windows are the sampling units; checked against full passes computed
+    here (clean, and with the mean spliced in at every counted position), in batches of 3
+    windows so that the per-window sums cross a batch boundary."""
+    tokens, mask, acts = eval_set
+    mean = acts.mean(0).float()
+    m = evaluate_sae(bundled_model, Constant(mean), tokens, mask, HOOK, batch_size=3,
+                     kl_div=False)  # fmt: skip
+
+    def splice(act, hook):
+        return torch.where(mask[..., None], mean.to(act.dtype), act)
+
+    clean = next_token_losses(bundled_model(tokens), tokens).double()
+    spliced = next_token_losses(bundled_model.run_with_hooks(tokens, fwd_hooks=[(HOOK, splice)]),
+                                tokens).double()  # fmt: skip
+    scored = (mask[:, :-1] & mask[:, 1:]).double()
+    d, n = ((spliced - clean) * scored).sum(-1), scored.sum(-1)
+    r = d.sum() / n.sum()
+    w = len(d)
+    by_hand = ((w / (w - 1) * ((d - r * n) ** 2).sum()) ** 0.5 / n.sum()).item()
+    assert m["n_lm_windows"] == 4
+    assert m["delta_lm_loss"] == pytest.approx(r.item(), rel=1e-5)
+    assert m["delta_lm_loss_se"] == pytest.approx(by_hand, rel=1e-4)
+    assert m["delta_lm_loss_se"] > 0
 
 
 @pytest.mark.integration

@@ -11,8 +11,8 @@ Rules, stated once (the matched-L0 values follow ``interpolate`` and ``stats``):
   recipes), every pair of curves is a cell.
 - Seeds are paired: seed s of A with seed s of B (the seed fixes the batch stream). A seed
   counts only where both values are true interpolations. Left out, and said so: a value from a
-  curve's end point (``from_endpoint``), and for an LM-set metric a value made from a run whose
-  LM set is unrepresentative (``splice_l0`` more than ``SPLICE_L0_TOLERANCE`` from ``l0``).
+  curve's end point on the metric's own L0 axis (``from_endpoint``; for an LM-set metric
+  ``lm_from_endpoint``, along ``splice_l0``: ``stats.x_column``).
 - Per cell: d = A - B for each counted seed; its mean and 95% Student-t interval over the n
   seeds (``stats.ci95_half_width``: t(0.975, n - 1) * sd / sqrt(n)). With n < 2 the cell is
   ``inconclusive`` (its numbers and their direction are still printed); else ``RULES`` decide.
@@ -32,15 +32,14 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from benchmark.metrics import LM, METRICS
-from benchmark.report.load import SPLICE_L0_TOLERANCE, sort_rows
-from benchmark.report.stats import ci95_half_width, matched_l0_table
+from benchmark.metrics import METRICS
+from benchmark.report.load import sort_rows
+from benchmark.report.stats import ci95_half_width, matched_l0_table, x_column
 
 HOLDS, REFUTED, INCONCLUSIVE, MEASURED = "holds", "refuted", "inconclusive", "measured"
 NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK"}
 CELL = ("model", "site", "layer", "d_sae", "target_l0")
 SUMMARY_COLUMNS = ("claim", "figure", "verdict", "cells", "evidence", "reason")
-UNREPRESENTATIVE = "lm_set_unrepresentative"  # > 0 where a cell used such a run
 
 
 class Rule(NamedTuple):
@@ -137,12 +136,10 @@ def judge_claims(df: pd.DataFrame, targets: Sequence[float], l0_tolerance: float
 
 def seed_cells(df: pd.DataFrame, targets: list[float], l0_tolerance: float) -> pd.DataFrame:
     """One row per (curve, seed, target): the claims' metrics as table 1 computes them."""
-    gap = (df["splice_l0"] / df["l0"] - 1).abs()
-    runs = df.assign(**{UNREPRESENTATIVE: (gap > SPLICE_L0_TOLERANCE).astype(float)})
-    metrics = [*dict.fromkeys(claim.metric for claim in CLAIMS), "frac_dead", UNREPRESENTATIVE]
+    metrics = [*dict.fromkeys(claim.metric for claim in CLAIMS), "frac_dead"]
     per_seed = [
         matched_l0_table(seed_runs, targets, metrics, l0_tolerance).assign(seed=seed)
-        for seed, seed_runs in runs.groupby("seed", sort=True)
+        for seed, seed_runs in df.groupby("seed", sort=True)
     ]
     return pd.concat(per_seed, ignore_index=True)
 
@@ -150,11 +147,8 @@ def seed_cells(df: pd.DataFrame, targets: list[float], l0_tolerance: float) -> p
 def side(long: pd.DataFrame, sae: str, metric: str) -> pd.DataFrame:
     """One architecture's per-seed values of ``metric``, with why a value is left out."""
     rows = long[long["sae"] == sae]
-    lm_set = METRICS[metric].measured_on == LM
-    why = np.where(rows["from_endpoint"], "end point", "")
-    why = np.where(
-        (why == "") & lm_set & (rows[UNREPRESENTATIVE] > 0), "unrepresentative LM set", why
-    )
+    endpoint = "lm_from_endpoint" if x_column(metric) == "splice_l0" else "from_endpoint"
+    why = np.where(rows[endpoint].astype(bool), "end point", "")
     return rows[[*CELL, "curve", "seed"]].assign(value=rows[metric], left_out=why)
 
 
@@ -314,10 +308,12 @@ def method_lines(judged: Judged) -> list[str]:
         "(the seed fixes the batch stream): mean(d) ± t(0.975, n - 1) sd(d) / sqrt(n). Dead "
         "latents: over seeds of each seed's mean over the same matched-L0 cells.",
         "",
+        "L0 axes: delta_lm_loss is read at splice_l0, the L0 measured on the LM set's own "
+        "positions; frac_freq_over_10pct and frac_dead at l0, the held-out activation set's "
+        "(so the LM set need not be representative of the activation set).",
+        "",
         "Left out of the evidence (a cell left with no counted seed is missing, so the claim "
-        "cannot hold): values from a curve's end point (†), and LM-set values (delta_lm_loss) "
-        "made from a run whose LM set is unrepresentative (splice_l0 more than "
-        f"{SPLICE_L0_TOLERANCE:.0%} from l0).",
+        "cannot hold): values from a curve's end point (†) on the metric's L0 axis.",
         "",
         "Verdicts: a cell with fewer than two counted seeds is inconclusive (its numbers and "
         "their direction are still shown); otherwise, by the claim's relation:",

@@ -76,27 +76,8 @@ def load_results(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs, duplicates = keep_newest(runs, ["config_hash"], "duplicate of {kept}")
     conflict = "same curve, point and seed as {kept} but another config_hash; re-run"
     runs, conflicts = keep_newest(runs, ["curve_hash", "point", "seed"], conflict)
-    problems += duplicates + conflicts + unrepresentative(runs) + off_target(runs)
+    problems += duplicates + conflicts + off_target(runs) + spiked(runs)
     return runs, pd.DataFrame(problems, columns=list(PROBLEM_COLUMNS))
-
-
-SPLICE_L0_TOLERANCE = 0.03  # relative
-
-
-def unrepresentative(runs: pd.DataFrame) -> list[dict]:
-    """Runs whose LM set reads an L0 more than 3% away from the held-out activation set's: its
-    cross-entropy numbers come from an unrepresentative sample (too few windows: the L0 of one
-    128-token window varies by 12-15% across the bundled split). Listed, not dropped."""
-    if runs.empty or "splice_l0" not in runs:
-        return []
-    gap = (runs["splice_l0"] / runs["l0"] - 1).abs()
-    bad = runs[gap > SPLICE_L0_TOLERANCE]
-    return [
-        {"run_dir": r.run_dir, "status": "warning",
-         "reason": f"LM set unrepresentative: splice_l0 {r.splice_l0:.1f} vs l0 {r.l0:.1f} "
-                   f"({100 * (r.splice_l0 / r.l0 - 1):+.1f}%); raise data.n_eval_tokens"}
-        for r in bad.itertuples()
-    ]  # fmt: skip
 
 
 OFF_TARGET_TOLERANCE = 0.10  # relative
@@ -120,6 +101,22 @@ def off_target(runs: pd.DataFrame) -> list[dict]:
     ]  # fmt: skip
 
 
+def spiked(runs: pd.DataFrame) -> list[dict]:
+    """Runs whose trainer flagged a loss spike (benchmark.train.SPIKE_JUMP: one batch's FVU
+    over 10x the running average after the lr warm-up): the optimiser threw the SAE off its
+    solution, most often followed by dead latents. Listed, not dropped."""
+    if runs.empty or "train_spike_step" not in runs:
+        return []
+    bad = runs[pd.to_numeric(runs["train_spike_step"], errors="coerce").notna()]
+    return [
+        {"run_dir": r.run_dir, "status": "warning",
+         "reason": f"loss spike at step {int(r.train_spike_step)} (batch FVU "
+                   f"{r.train_max_fvu_jump:.0f}x its running average; l0 {r.l0:.1f}, fvu "
+                   f"{r.fvu:.3f}, frac_dead {r.frac_dead:.3f}): training diverged"}
+        for r in bad.itertuples()
+    ]  # fmt: skip
+
+
 def read_result(path: Path) -> tuple[dict | None, str, str]:
     """(flat scalar fields or None when unusable, status, reason: empty when all is well)."""
     try:
@@ -138,9 +135,25 @@ def read_result(path: Path) -> tuple[dict | None, str, str]:
         return None, "incomplete", "missing " + ", ".join(missing)
     row = {key: value for key, value in record.items() if not isinstance(value, (dict, list))}
     row["run_dir"] = str(path.parent)
+    config = record.get("config")
+    row["config_flat"] = json.dumps(flatten(config) if isinstance(config, dict) else {},
+                                    sort_keys=True, default=str)  # fmt: skip
     if row.get("config_hash") and row.get("curve_hash"):
         return row, "complete", ""
     return _with_fallback_identity(row), "old_schema", "old schema (no config_hash); re-run"
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as {dotted key: value} (lists as JSON text): how the figures name the
+    variants of one architecture (the keys where two curves' configs differ)."""
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = json.dumps(value) if isinstance(value, list) else value
+    return out
 
 
 def _with_fallback_identity(row: dict) -> dict:

@@ -9,8 +9,13 @@ Rules, stated once (the interpolation's own in ``interpolate``):
   interpolated on its own, then table 1 gives the mean over the seeds that cover the target
   (``n_seeds``) and the half-width of the 95% Student-t interval (``<metric>_ci95``). A NaN in
   any of them makes the mean NaN (a null ``ce_loss_recovered`` is never half-averaged).
-- ``from_endpoint`` is True when any seed's cell came from an end point by the tolerance;
-  ``l0_used`` is the mean L0 the seeds used; the token counts are the fewest among the runs.
+- Each metric is read at its own L0 (``x_column``): the LM-set metrics (delta LM loss, CE
+  recovered, KL) at ``splice_l0``, the L0 measured on the same LM positions, the others at
+  ``l0`` (the held-out activation set). So the LM set need not be representative of the
+  activation set's L0: a curve's delta LM loss at L0 40 is read where its LM-set L0 is 40.
+- ``from_endpoint`` (``lm_from_endpoint`` for the LM axis) is True when any seed's cell came
+  from an end point by the tolerance; ``l0_used`` (``lm_l0_used``) is the mean L0 the seeds
+  used; the token counts are the fewest among the runs.
 - Best: at each (model, site, layer, d_sae, target L0), the curve with the best mean
   ``delta_lm_loss`` (direction from METRICS), among true interpolations only (never an
   end-point cell), when two or more curves have one there.
@@ -24,7 +29,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from benchmark.metrics import METRICS
+from benchmark.metrics import ACT, LM, METRICS
 from benchmark.report.interpolate import at_targets, bracket_log_l0, curve_points
 from benchmark.report.load import DISPLAY_KEYS, TOKEN_COLUMNS, sort_rows
 
@@ -78,20 +83,41 @@ def default_targets(df: pd.DataFrame) -> list[float]:
     return [float(t) for t in present] or [float(t) for t in DEFAULT_TARGETS]
 
 
+def x_column(metric: str) -> str:
+    """The L0 a metric is read at: `splice_l0` (L0 on the LM set, the same positions) for the
+    LM-set metrics, `l0` (the held-out activation set) for the others."""
+    return "splice_l0" if METRICS.get(metric) and METRICS[metric].measured_on == LM else "l0"
+
+
 def _seed_cells(
     curve: pd.DataFrame, targets: list[float], metrics: Sequence[str], tolerance: float
 ) -> pd.DataFrame:
-    """One seed's curve at every target: the metrics, how each was found, the token counts."""
-    points = curve_points(curve, [*metrics, *TOKEN_COLUMNS])
-    bracket = bracket_log_l0(points.index.to_numpy(), targets, tolerance)
-    cells = pd.DataFrame({"target_l0": targets, "covered": bracket.lo >= 0})
-    cells["from_endpoint"], cells["l0_used"] = bracket.from_endpoint, bracket.l0_used
-    for metric in metrics:
-        cells[metric] = at_targets(bracket, points[metric].to_numpy())
-    for column in TOKEN_COLUMNS:  # the fewest tokens among the runs the cell is made from
-        tokens = points[column].to_numpy()
-        fewest = np.minimum(tokens[bracket.lo], tokens[bracket.hi])
-        cells[column] = np.where(bracket.lo >= 0, fewest, np.nan)
+    """One seed's curve at every target: the metrics, how each was found, the token counts.
+    Each metric is interpolated along its own L0 (`x_column`): ``from_endpoint`` / ``l0_used``
+    describe the activation-set axis (l0), ``lm_from_endpoint`` / ``lm_l0_used`` the LM axis
+    (splice_l0); ``covered`` is the activation axis's."""
+    cells = pd.DataFrame({"target_l0": targets})
+    for axis, prefix in (("l0", ""), ("splice_l0", "lm_")):
+        names = [m for m in metrics if x_column(m) == axis]
+        tokens = [ACT if axis == "l0" else LM]
+        x = curve[axis] if axis in curve else pd.Series(np.nan, index=curve.index)
+        if axis == "splice_l0" and not names:
+            continue
+        points = curve_points(curve.assign(l0=x), [*names, *tokens])
+        bracket = bracket_log_l0(points.index.to_numpy(), targets, tolerance)
+        if axis == "l0":
+            cells["covered"] = bracket.lo >= 0
+        cells[f"{prefix}from_endpoint"] = bracket.from_endpoint & (bracket.lo >= 0)
+        cells[f"{prefix}l0_used"] = bracket.l0_used
+        for metric in names:
+            cells[metric] = at_targets(bracket, points[metric].to_numpy())
+        for column in tokens:  # the fewest tokens among the runs the cell is made from
+            counts = points[column].to_numpy()
+            fewest = np.minimum(counts[bracket.lo], counts[bracket.hi])
+            cells[column] = np.where(bracket.lo >= 0, fewest, np.nan)
+    for column in TOKEN_COLUMNS:
+        if column not in cells:
+            cells[column] = np.nan
     return cells
 
 
@@ -113,16 +139,22 @@ def matched_l0_table(
         ],
         ignore_index=True,
     )
-    covered = per_seed[per_seed["covered"]]
+    # a cell is kept when either axis covers it (an LM metric may be read where l0 is not)
+    lm = "lm_l0_used" in per_seed
+    covered = per_seed[per_seed["covered"] | (per_seed["lm_l0_used"].notna() if lm else False)]
     grouped = covered.groupby(keys, dropna=False, sort=True)
     found = summarize_seeds(covered, keys, metrics).rename(columns={"n_runs": "n_seeds"})
-    found.insert(len(keys) + 1, "l0_used", grouped["l0_used"].mean().to_numpy())
-    found.insert(len(keys) + 2, "from_endpoint", grouped["from_endpoint"].any().to_numpy())
+    flags = ["l0_used", "from_endpoint", *(("lm_l0_used", "lm_from_endpoint") if lm else ())]
+    for i, column in enumerate(flags):
+        agg = grouped[column].any() if "endpoint" in column else grouped[column].mean()
+        found.insert(len(keys) + 1 + i, column, agg.to_numpy())
     for column in TOKEN_COLUMNS:
         found[column] = grouped[column].min(skipna=False).to_numpy()
     table = per_seed[keys].drop_duplicates().merge(found, on=keys, how="left")
     table["n_seeds"] = table["n_seeds"].fillna(0).astype(int)
-    table["from_endpoint"] = table["from_endpoint"].fillna(False).astype(bool)
+    for column in ("from_endpoint", "lm_from_endpoint"):
+        if column in table:
+            table[column] = table[column].fillna(False).astype(bool)
     if BEST_METRIC in metrics:
         table["best"] = mark_best(table, BEST_METRIC)
     return sort_rows(table, [*BEST_AMONG[:-1], "target_l0", "sae", "curve"])
@@ -131,7 +163,8 @@ def matched_l0_table(
 def mark_best(table: pd.DataFrame, metric: str) -> pd.Series:
     """True for the best curve at each comparison point, among true interpolations only,
     when two or more curves have one there."""
-    eligible = table[metric].notna() & ~table["from_endpoint"]
+    endpoint = "lm_from_endpoint" if x_column(metric) == "splice_l0" else "from_endpoint"
+    eligible = table[metric].notna() & ~table[endpoint].astype(bool)
     sign = 1 if METRICS[metric].higher_is_better else -1
     score = (sign * table[metric]).where(eligible)
     by_point = score.groupby([table[key] for key in BEST_AMONG], dropna=False)

@@ -17,21 +17,39 @@ import pandas as pd
 
 from benchmark.metrics import ACT, LM, METRICS
 from benchmark.report.load import TOKEN_COLUMNS, sort_rows
-from benchmark.report.stats import BEST_METRIC
+from benchmark.report.stats import BEST_METRIC, x_column
 
 RUN_COLUMNS = (
     *("model", "site", "layer", "layer_name", "sae", "d_sae", "curve", "sparsity_mode"),
     *("target_l0", "sparsity_coefficient", "coefficient", "seed", "l0", "splice_l0"),
-    *("delta_lm_loss", "fvu", "ce_loss_recovered", "kl_div", "frac_dead", "frac_freq_over_10pct"),
+    *(
+        "delta_lm_loss",
+        "delta_lm_loss_se",
+        "fvu",
+        "ce_loss_recovered",
+        "kl_div",
+        "frac_dead",
+        "frac_freq_over_10pct",
+    ),
     *("frac_freq_over_1pct", "train_frac_dead", *TOKEN_COLUMNS, "train_tokens", "train_seconds"),
     *("train_tokens_per_s", "experiment", "run_id", "config_hash"),
 )
-HIDDEN = ("curve_hash", "best", "from_endpoint")  # shown through the cells, not as columns
-FORMATS = {"l0_used": "{:.1f}", "coefficient": "{:.3g}", "sparsity_coefficient": "{:.3g}"}
+HIDDEN = (
+    "curve_hash",
+    "best",
+    "from_endpoint",
+    "lm_from_endpoint",
+)  # shown through the cells, not as columns
+FORMATS = {
+    "l0_used": "{:.1f}",
+    "lm_l0_used": "{:.1f}",
+    "coefficient": "{:.3g}",
+    "sparsity_coefficient": "{:.3g}",
+}
 TOKEN_SETS = {ACT: "activation set", LM: "LM set"}
 DAGGER_NOTE = (
-    "value from the curve's end point at L0 `l0_used` (within the L0 tolerance), not "
-    "interpolated; never marked best."
+    "value from the curve's end point at L0 `l0_used` (`lm_l0_used` for the LM-set metrics, "
+    "read along splice_l0) within the L0 tolerance, not interpolated; never marked best."
 )
 
 
@@ -57,7 +75,9 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def table_cells(table: pd.DataFrame, marks: Marks) -> pd.DataFrame:
     """Every shown cell as text: fixed formats, ``mean ± ci``, ``†`` and bold where due."""
-    endpoint = table.get("from_endpoint", pd.Series(False, index=table.index)).to_numpy(bool)
+    no = pd.Series(False, index=table.index)
+    endpoint = table.get("from_endpoint", no).to_numpy(bool)
+    lm_endpoint = table.get("lm_from_endpoint", no).to_numpy(bool)
     best = table.get("best", pd.Series(False, index=table.index)).to_numpy(bool)
     cells = {}
     for column in table.columns:
@@ -66,8 +86,9 @@ def table_cells(table: pd.DataFrame, marks: Marks) -> pd.DataFrame:
         text = [_format(column, value) for value in table[column]]
         if f"{column}_ci95" in table:
             text = [_with_ci(t, column, ci, marks) for t, ci in zip(text, table[f"{column}_ci95"])]
-        if column in METRICS:
-            text = [t + marks.dagger if t and e else t for t, e in zip(text, endpoint)]
+        if column in METRICS:  # each metric on its own L0 axis (stats.x_column)
+            ends = lm_endpoint if x_column(column) == "splice_l0" else endpoint
+            text = [t + marks.dagger if t and e else t for t, e in zip(text, ends)]
         if column == BEST_METRIC:
             text = [marks.bold.format(t) if b else t for t, b in zip(text, best)]
         cells[column] = text
@@ -111,7 +132,7 @@ def to_markdown(table: pd.DataFrame, title: str = "") -> str:
     align = ["right" if _is_number(table[c]) else "left" for c in cells]
     text = cells.to_markdown(index=False, disable_numparse=True, colalign=align)
     lines = [f"{title}{caption(table)}", "", text, ""]
-    if "from_endpoint" in table and table["from_endpoint"].any():
+    if any(c in table and table[c].any() for c in ("from_endpoint", "lm_from_endpoint")):
         lines += [f"† {DAGGER_NOTE}", ""]
     return "\n".join(lines)
 
@@ -127,8 +148,9 @@ def to_latex(table: pd.DataFrame) -> str:
         styler = styler.apply(lambda _: bold, subset=[BEST_METRIC])
     align = "".join("r" if _is_number(table[c]) else "l" for c in cells)
     latex = styler.to_latex(column_format=align, hrules=True, convert_css=True)
-    if "from_endpoint" in table and table["from_endpoint"].any():
+    if any(c in table and table[c].any() for c in ("from_endpoint", "lm_from_endpoint")):
         note = DAGGER_NOTE.replace("`l0_used`", r"\texttt{l0\_used}")
+        note = note.replace("`lm_l0_used`", r"\texttt{lm\_l0\_used}")
         latex += rf"\par\smallskip{{\footnotesize $^\dagger$ {note}}}" + "\n"
     return latex
 
