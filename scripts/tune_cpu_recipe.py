@@ -47,6 +47,7 @@ from benchmark.run import activation_stage, held_out_store, plan_run
 from benchmark.train import Trainer, TrainingDiverged, train_group
 
 LRS = (5.0e-4, 1.0e-3, 2.0e-3)
+ROUND = 2  # this protocol's round (1: seed 0, residual only, before the spike watch)
 TIE = 0.005  # relative: candidates within 0.5% of the best mean FVU are tied
 BEFORE_LR = 1.0e-3  # conf/train/cpu.yaml's lr before the protocol, for every architecture
 # architecture -> (knob name, [(label, overrides), ...]); the first value is the recipe before
@@ -106,7 +107,7 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int], seed: int,
                 if (arch, seed, site, lr, label, target) in done:
                     continue
                 cfg = compose_config([*base, f"sparsity=l0_{target}", f"train.lr={lr}", *extra])
-                jobs.append(({"sae": arch, "seed": seed, "site": site, "lr": lr, "knob": knob,
+                jobs.append(({"round": ROUND, "sae": arch, "seed": seed, "site": site, "lr": lr, "knob": knob,
                               "value": label, "target_l0": target}, cfg))  # fmt: skip
     if not jobs:
         return []
@@ -149,6 +150,18 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int], seed: int,
 
 
 KEYS = ["sae", "lr", "knob", "value"]
+
+
+def read_runs(path: Path) -> pd.DataFrame:
+    """runs.csv as `choose` reads it. Rows of the first round (seed 0, layer 6 residual, before
+    the trainer's spike watch; no seed/site/round columns) are read as round 1 at seed 0 and
+    site residual, with no spike information (NaN) and no divergence recorded."""
+    runs = pd.read_csv(path, dtype={"value": str, "diverged": str})
+    first_round = {"round": 1, "seed": 0, "site": "residual", "diverged": "",
+                   "spike_step": float("nan"), "max_fvu_jump": float("nan")}  # fmt: skip
+    for column, value in first_round.items():
+        runs[column] = runs[column].fillna(value) if column in runs else value
+    return runs
 
 
 def health(runs: pd.DataFrame, tolerance: float) -> pd.Series:
@@ -197,9 +210,13 @@ def choose(runs: pd.DataFrame, tolerance: float) -> pd.DataFrame:
     table["eligible"] = (table["unhealthy"] == "") & (table["runs"] == table["sae"].map(n_expected))
     ok = {tuple(r[k] for k in KEYS): bool(r["eligible"]) for _, r in table.iterrows()}
 
+    sick = {tuple(r[k] for k in KEYS): bool(r["unhealthy"]) for _, r in table.iterrows()}
+
     def margin(r) -> str:
-        up = ok.get((r["sae"], 2 * r["lr"], r["knob"], r["value"]))
-        return "untested" if up is None else ("healthy" if up else "unhealthy")
+        up = (r["sae"], 2 * r["lr"], r["knob"], r["value"])
+        if up not in ok:
+            return "untested"
+        return "healthy" if ok[up] else ("unhealthy" if sick[up] else "partly tested")
 
     table["margin_2x_lr"] = table.apply(margin, axis=1)
     table["chosen"] = False
@@ -237,7 +254,7 @@ def main() -> None:
     targets = [int(t) for t in args.targets.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     runs_csv = args.out / "runs.csv"
-    before = (pd.read_csv(runs_csv, dtype={"value": str, "diverged": str})
+    before = (read_runs(runs_csv)
               if (args.append or args.report_only) and runs_csv.exists() else None)  # fmt: skip
     runs = before if before is not None else pd.DataFrame()
     if not args.report_only:

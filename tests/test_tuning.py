@@ -91,7 +91,7 @@ def test_a_tie_keeps_the_knobs_value_before_the_protocol() -> None:
 
 def test_the_committed_table_is_the_rule_applied_to_the_committed_runs() -> None:
     folder = ROOT / "results" / "reference" / "tuning_cpu"
-    frame = pd.read_csv(folder / "runs.csv", dtype={"value": str, "diverged": str})
+    frame = tune.read_runs(folder / "runs.csv")
     again = tune.choose(frame, tolerance=0.05)
     committed = pd.read_csv(folder / "tuning.csv", dtype={"value": str})
     key = ["sae", "lr", "value"]
@@ -99,3 +99,22 @@ def test_the_committed_table_is_the_rule_applied_to_the_committed_runs() -> None
     assert len(merged) == len(committed) == len(again)
     assert (merged["chosen"] == merged["chosen_committed"]).all()
     assert merged["mean_fvu"].to_numpy() == pytest.approx(merged["mean_fvu_committed"].to_numpy())
+
+
+def test_first_round_rows_read_as_seed_0_residual_and_count_as_partly_tested(tmp_path) -> None:
+    """A runs.csv row of the first round (no seed/site/spike columns) is seed 0 at the residual
+    site; a recipe run there only is not eligible, and a lower lr whose double it is has a
+    margin that is "partly tested", not "unhealthy" (its runs were all healthy)."""
+    old = pd.DataFrame(runs("topk", "1/32", 4e-3, [0.12, 0.11, 0.09], [20, 40, 80],
+                            seeds=(0,), sites=("residual",)))  # fmt: skip
+    old = old.drop(columns=["seed", "site", "diverged", "spike_step", "max_fvu_jump"])
+    old.to_csv(tmp_path / "runs.csv", index=False)
+    first = tune.read_runs(tmp_path / "runs.csv")
+    assert (first["seed"] == 0).all() and (first["site"] == "residual").all()
+    assert (first["round"] == 1).all() and first["spike_step"].isna().all()
+    new = pd.DataFrame(runs("topk", "1/32", 2e-3, [0.13, 0.12, 0.10], [20, 40, 80],
+                            seeds=(0, 1), sites=("residual",))).assign(round=2)  # fmt: skip
+    table = tune.choose(pd.concat([first, new], ignore_index=True), 0.05).set_index("lr")
+    assert table.loc[4e-3, "runs"] == 3 and not table.loc[4e-3, "eligible"]
+    assert table.loc[4e-3, "unhealthy"] == ""
+    assert table.loc[2e-3, "margin_2x_lr"] == "partly tested" and table.loc[2e-3, "chosen"]
