@@ -7,7 +7,8 @@ Owns the claims, the verdict rules and the claims tables' text. Reads the tidy r
 
 Rules, stated once (the matched-L0 values follow ``interpolate`` and ``stats``):
 - A claim compares architecture A with B on one metric. A cell is one (model, site, layer,
-  d_sae, target L0) where both have a curve; with several curves of one architecture there (two
+  d_sae, training budget, target L0) where both have a curve (``load``'s ``budget``: SAEs
+  trained on different numbers of tokens are never compared); with several curves of one architecture there (two
   recipes), every pair of curves is a cell.
 - Seeds are paired: seed s of A with seed s of B (the seed fixes the batch stream). A seed
   counts only where both values are true interpolations. Left out, and said so: a value from a
@@ -38,7 +39,7 @@ from benchmark.report.stats import ci95_half_width, matched_l0_table, x_column
 
 HOLDS, REFUTED, INCONCLUSIVE, MEASURED = "holds", "refuted", "inconclusive", "measured"
 NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK"}
-CELL = ("model", "site", "layer", "d_sae", "target_l0")
+CELL = ("model", "site", "layer", "d_sae", "budget", "target_l0")
 SUMMARY_COLUMNS = ("claim", "figure", "verdict", "cells", "evidence", "reason")
 
 
@@ -261,7 +262,18 @@ def label(cell: dict | pd.Series, cells: pd.DataFrame) -> str:
     parts = [str(cell["model"])] if cells["model"].nunique() > 1 else []
     parts += [f"{cell['site']} L{cell['layer']:g}"]
     parts += [f"d_sae {cell['d_sae']:g}"] if cells["d_sae"].nunique() > 1 else []
+    parts += [f"{tokens(cell['budget'])} tokens"] if cells["budget"].nunique() > 1 else []
     return " ".join([*parts, f"L0 {cell['target_l0']:g}"])
+
+
+def tokens(n: float) -> str:
+    """A token count as a short label: 160k, 2.56M."""
+    if not np.isfinite(n):
+        return "?"
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
 
 
 def dead_latents(long: pd.DataFrame, sae: str) -> dict:

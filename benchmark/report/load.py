@@ -186,6 +186,9 @@ def tidy(rows: list[dict]) -> pd.DataFrame:
     fixed = frame["sparsity_coefficient"].fillna(frame["coefficient"])  # old records: final = fixed
     frame["point"] = frame["target_l0"].where(~coefficient_mode, fixed)
     frame["curve"] = frame["curve_hash"].str[:8]
+    # a curve's training budget (tokens): one per curve (train.n_tokens is in its hash), so
+    # curves of several budgets are compared budget by budget (table 1's best, the claims)
+    frame["budget"] = frame.groupby("curve_hash", dropna=False)["train_tokens"].transform("max")
     return frame
 
 

@@ -16,7 +16,7 @@ Rules, stated once (the interpolation's own in ``interpolate``):
 - ``from_endpoint`` (``lm_from_endpoint`` for the LM axis) is True when any seed's cell came
   from an end point by the tolerance; ``l0_used`` (``lm_l0_used``) is the mean L0 the seeds
   used; the token counts are the fewest among the runs.
-- Best: at each (model, site, layer, d_sae, target L0), the curve with the best mean
+- Best: at each (model, site, layer, d_sae, training budget, target L0), the curve with the best mean
   ``delta_lm_loss`` (direction from METRICS), among true interpolations only (never an
   end-point cell), when two or more curves have one there.
 """
@@ -36,8 +36,9 @@ from benchmark.report.load import DISPLAY_KEYS, TOKEN_COLUMNS, sort_rows
 BEST_METRIC = "delta_lm_loss"
 TABLE_METRICS = ("delta_lm_loss", "fvu", "ce_loss_recovered", "frac_dead", "frac_freq_over_10pct")
 DEFAULT_TARGETS = (10, 20, 40, 80, 160)
-CURVE_KEYS = ("curve_hash", *DISPLAY_KEYS, "curve")  # one row group of table 1, one line
-BEST_AMONG = ("model", "site", "layer", "d_sae", "target_l0")  # rows compared for "best"
+CURVE_KEYS = ("curve_hash", *DISPLAY_KEYS, "budget", "curve")  # a row group of table 1, a line
+# rows compared for "best": one site, layer, width and training budget (load: `budget`)
+BEST_AMONG = ("model", "site", "layer", "d_sae", "budget", "target_l0")
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30 (scipy is not a dependency).
 _T975 = (

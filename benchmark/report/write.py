@@ -1,6 +1,7 @@
 """Writing the report: every table (CSV, markdown, LaTeX when asked), the paper's claims judged
 (``claims.md``, per cell ``claims_cells.md``) and figure (PNG, PDF) under one folder, one set
-of figures per model when the runs hold several models.
+of figures per model when the runs hold several models. Runs of two or more training budgets
+add ``claims_by_budget.{csv,md}`` and ``fig_budget`` (``budget``).
 
 Owns the file names. Composes ``stats``, ``tables``, ``claims``, ``figures`` and ``training``.
 """
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from benchmark.report.budget import budget_markdown, claims_by_budget, has_budgets, plot_budget
 from benchmark.report.claims import (
     Judged,
     cells_markdown,
@@ -54,6 +56,17 @@ def write_report(
     points = claim_points(targets) if claims_l0 is None else sorted(claims_l0)
     written += write_claims(judge_claims(df, points, l0_tolerance), out, latex)
     notes = []
+    if has_budgets(df):  # several training budgets: the claims and fig_budget along them
+        by_budget = claims_by_budget(df, points, l0_tolerance)
+        written += [out / "claims_by_budget.csv", out / "claims_by_budget.md"]
+        by_budget.to_csv(written[-2], index=False)
+        written[-1].write_text(budget_markdown(by_budget, points))
+        middle = float(np.median(points))
+        for model, runs in df.groupby("model", sort=True):
+            suffix = "" if df["model"].nunique() == 1 else f"_{model}"
+            figure, missing = plot_budget(runs, middle, l0_tolerance)
+            written += save(figure, out / f"fig_budget{suffix}")
+            notes += missing
     for model, runs in df.groupby("model", sort=True):
         suffix = "" if df["model"].nunique() == 1 else f"_{model}"
         for name, metric in CURVE_FIGURES.items():
