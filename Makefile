@@ -9,7 +9,7 @@ setup:
 
 quickstart: setup   ## the main job: JumpReLU vs Gated vs TopK at matched L0 on the bundled model
 	$(PY) -m benchmark.run -m +experiment=quickstart
-	$(PY) -m benchmark.report results/quickstart --out results/quickstart/report --l0-tolerance 0.05
+	$(PY) -m benchmark.report results/quickstart --out results/quickstart/report --l0-tolerance 0.05 --resolution 0.07
 
 test: setup         ## the default test run (no slow, no gpu tests)
 	$(PY) -m pytest -m "not slow and not gpu" -q

@@ -435,3 +435,33 @@ def test_a_loss_spike_is_listed(tmp_path: Path) -> None:
     (warning,) = problems[problems.status == "warning"].itertuples()
     assert "l0_80" in warning.run_dir
     assert "loss spike at step 188 (batch FVU 1203x its running average" in warning.reason
+
+
+def test_best_is_bold_only_where_resolved(tmp_path: Path) -> None:
+    """One seed: JumpReLU 0.100 vs TopK 0.104 at L0 40 (4% ahead) and 0.050 vs 0.060 at 80
+    (17% ahead). With --resolution 0.06 only the 80 cell is bold; with 0, both. Three seeds
+    whose spread is wider than the gap: not bold."""
+    for sae, deltas in (("jumprelu", {20: 0.2, 40: 0.100, 80: 0.050}),
+                        ("topk", {20: 0.21, 40: 0.104, 80: 0.060})):  # fmt: skip
+        curve(tmp_path / "one", deltas, sae=sae)
+    runs = load_results(tmp_path / "one")[0]
+    loose = matched_l0_table(runs, [40, 80])
+    assert loose.loc[loose["best"], "target_l0"].tolist() == [40, 80]
+    strict = matched_l0_table(runs, [40, 80], resolution=0.06)
+    assert strict.loc[strict["best"], "target_l0"].tolist() == [80]
+    text = to_markdown(strict)
+    assert text.count("**") == 2 and "more than 6% of the runner-up" in text
+    for seed, noise in enumerate((0.0, 0.02, -0.02)):  # JumpReLU's seeds spread +-0.02
+        curve(tmp_path / "three", {20: 0.2, 40: 0.100 + noise, 80: 0.05 + noise}, seed=seed)
+        curve(tmp_path / "three", {20: 0.21, 40: 0.104, 80: 0.060}, seed=seed, sae="topk")
+    three = matched_l0_table(load_results(tmp_path / "three")[0], [40, 80])
+    # at 80: gap 0.010 < JumpReLU's half-width 4.303 * 0.02 / sqrt(3) = 0.0497: not bold
+    assert not three["best"].any()
+
+
+def test_resolution_out_of_range_is_one_line(tmp_path: Path) -> None:
+    curve(tmp_path, {20: 0.2, 80: 0.1})
+    run = subprocess.run([sys.executable, "-m", "benchmark.report", str(tmp_path),
+                          "--resolution", "-0.1"], capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "--resolution=-0.1" in run.stderr and "[0, 1)" in run.stderr

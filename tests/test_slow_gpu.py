@@ -57,11 +57,14 @@ def test_cuda_training_matches_cpu(name):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-4)
 
 
-# The committed reference run re-run here must give the same metrics. Tolerances: the same
-# code, seed and corpus on another CPU differ only by float summation order, which moves a
-# 312-step run's numbers by well under these (measured: re-runs on this machine are identical).
-GOLDEN = {"l0": 0.01, "fvu": 0.02, "delta_lm_loss": 0.03, "frac_dead": 0.02}  # relative
-GOLDEN_ABS = {"frac_dead": 0.005, "delta_lm_loss": 0.01}  # absolute floor where values are small
+# The committed reference run re-run here must give the same metrics within the measured
+# run-to-run spread. Re-runs on one machine are identical; `make quickstart` on another 2-core
+# CPU (same config hashes, clean CE equal to 1e-4) moved delta LM loss by up to 6.3% (TopK
+# L0 40: 0.382 -> 0.358) and the dead fraction by up to 1.8 points (JumpReLU L0 80: 5.0% ->
+# 3.2%): float summation order differs, and 312 steps of Adam amplify it. The tolerances sit
+# just above that spread (the report's --resolution 0.07 in the Makefile is the same figure).
+GOLDEN = {"l0": 0.02, "fvu": 0.03, "delta_lm_loss": 0.07, "frac_dead": 0.02}  # relative
+GOLDEN_ABS = {"frac_dead": 0.02, "delta_lm_loss": 0.01}  # absolute floor where values are small
 
 
 @pytest.mark.slow

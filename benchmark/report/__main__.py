@@ -1,5 +1,5 @@
 """The command line: ``python -m benchmark.report RESULTS_DIR [--out DIR] [--latex]
-[--targets 10,20,40] [--l0-tolerance X] [--claims-l0 28,40,57]``. Prints table 1, the paper's claims judged, the
+[--targets 10,20,40] [--l0-tolerance X] [--resolution R] [--claims-l0 28,40,57]``. Prints table 1, the paper's claims judged, the
 problems and the files written.
 
 Errors end as one `error: ...` line on stderr and exit status 2: RESULTS_DIR missing, not a
@@ -39,6 +39,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "its measured range (marked † / from_endpoint; default 0: never)",
     )
     parser.add_argument(
+        "--resolution",
+        type=float,
+        default=0.0,
+        help="relative run-to-run spread: table 1 bolds the best only where it leads the "
+        "runner-up by more than this fraction (and the 95%% intervals); default 0",
+    )
+    parser.add_argument(
         "--claims-l0",
         help="comma-separated L0 values at which the claims are judged (default: the targets "
         "inside the swept range and the geometric midpoints of consecutive targets)",
@@ -65,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     targets = l0_list("--targets", args.targets)
     claims_l0 = l0_list("--claims-l0", args.claims_l0)
+    if not (math.isfinite(args.resolution) and 0 <= args.resolution < 1):
+        print(f"error: --resolution={args.resolution!r}: expected a fraction in [0, 1), e.g. "
+              "0.06 for a 6% run-to-run spread", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     with cli_errors.on_interrupt("interrupted: the report may be incomplete; re-run the same "
                                  "command"):  # fmt: skip
         try:
@@ -95,7 +106,7 @@ def report(args: argparse.Namespace, targets: list[float] | None,
                             "writable folder with --out DIR")  # fmt: skip
         cli_errors.fail(f"--out {out}: cannot write the report here ({why})")
     table, written, notes = write_report(
-        df, problems, out, targets, args.latex, args.l0_tolerance, claims_l0
+        df, problems, out, targets, args.latex, args.l0_tolerance, claims_l0, args.resolution
     )
     if not table.empty:
         print(f"# Matched-L0 table ({len(df)} complete runs)\n")

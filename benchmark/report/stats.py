@@ -18,7 +18,10 @@ Rules, stated once (the interpolation's own in ``interpolate``):
   used; the token counts are the fewest among the runs.
 - Best: at each (model, site, layer, d_sae, training budget, target L0), the curve with the best mean
   ``delta_lm_loss`` (direction from METRICS), among true interpolations only (never an
-  end-point cell), when two or more curves have one there.
+  end-point cell), when two or more curves have one there, and only when it is resolved: its
+  gap to the runner-up exceeds ``resolution`` x the runner-up's |value| (the run-to-run spread
+  a reader states, e.g. across machines; default 0) and either curve's 95% half-width (with
+  two or more seeds). An unresolved best is not marked.
 """
 
 from __future__ import annotations
@@ -127,8 +130,10 @@ def matched_l0_table(
     targets: Sequence[float] | None = None,
     metrics: Sequence[str] = TABLE_METRICS,
     l0_tolerance: float = 0.0,
+    resolution: float = 0.0,
 ) -> pd.DataFrame:
-    """Table 1: every curve's metrics at common L0 values, mean and 95% CI over seeds."""
+    """Table 1: every curve's metrics at common L0 values, mean and 95% CI over seeds; the best
+    marked where resolved (``mark_best``; ``resolution`` is kept in ``table.attrs``)."""
     targets = sorted(float(t) for t in (default_targets(df) if targets is None else targets))
     if df.empty or not targets:
         return pd.DataFrame()
@@ -157,16 +162,28 @@ def matched_l0_table(
         if column in table:
             table[column] = table[column].fillna(False).astype(bool)
     if BEST_METRIC in metrics:
-        table["best"] = mark_best(table, BEST_METRIC)
-    return sort_rows(table, [*BEST_AMONG[:-1], "target_l0", "sae", "curve"])
+        table["best"] = mark_best(table, BEST_METRIC, resolution)
+    table = sort_rows(table, [*BEST_AMONG[:-1], "target_l0", "sae", "curve"])
+    table.attrs["resolution"] = resolution
+    return table
 
 
-def mark_best(table: pd.DataFrame, metric: str) -> pd.Series:
-    """True for the best curve at each comparison point, among true interpolations only,
-    when two or more curves have one there."""
+def mark_best(table: pd.DataFrame, metric: str, resolution: float = 0.0) -> pd.Series:
+    """True for the best curve at each comparison point, among true interpolations only, when
+    two or more curves have one there and the best is resolved: its gap to the runner-up is
+    over ``resolution`` x |runner-up| and over both curves' 95% half-widths (NaN: one seed, 0)."""
     endpoint = "lm_from_endpoint" if x_column(metric) == "splice_l0" else "from_endpoint"
     eligible = table[metric].notna() & ~table[endpoint].astype(bool)
     sign = 1 if METRICS[metric].higher_is_better else -1
     score = (sign * table[metric]).where(eligible)
-    by_point = score.groupby([table[key] for key in BEST_AMONG], dropna=False)
-    return eligible & (score == by_point.transform("max")) & (by_point.transform("count") >= 2)
+    half = table.get(f"{metric}_ci95", pd.Series(np.nan, index=table.index)).fillna(0.0)
+    best = pd.Series(False, index=table.index)
+    for _, group in score.groupby([table[key] for key in BEST_AMONG], dropna=False):
+        ranked = group.dropna().sort_values(ascending=False)
+        if len(ranked) < 2:
+            continue
+        top, second = ranked.index[0], ranked.index[1]
+        gap = ranked.iloc[0] - ranked.iloc[1]
+        needed = max(resolution * abs(ranked.iloc[1]), half[top], half[second])
+        best[top] = bool(gap > needed)  # a tie is never bold
+    return best

@@ -47,6 +47,11 @@ FORMATS = {
     "sparsity_coefficient": "{:.3g}",
 }
 TOKEN_SETS = {ACT: "activation set", LM: "LM set"}
+BOLD_NOTE = (
+    "the lowest delta LM loss at its (site, layer, width, budget, L0), shown only where it is "
+    "resolved: ahead of the runner-up by more than {:.0%} of the runner-up's value (the stated "
+    "run-to-run spread, `--resolution`) and by more than either 95% half-width."
+)
 DAGGER_NOTE = (
     "value from the curve's end point at L0 `l0_used` (`lm_l0_used` for the LM-set metrics, "
     "read along splice_l0) within the L0 tolerance, not interpolated; never marked best."
@@ -132,6 +137,8 @@ def to_markdown(table: pd.DataFrame, title: str = "") -> str:
     align = ["right" if _is_number(table[c]) else "left" for c in cells]
     text = cells.to_markdown(index=False, disable_numparse=True, colalign=align)
     lines = [f"{title}{caption(table)}", "", text, ""]
+    if "best" in table and BEST_METRIC in table:
+        lines += [f"Bold: {BOLD_NOTE.format(table.attrs.get('resolution', 0.0))}", ""]
     if any(c in table and table[c].any() for c in ("from_endpoint", "lm_from_endpoint")):
         lines += [f"† {DAGGER_NOTE}", ""]
     return "\n".join(lines)

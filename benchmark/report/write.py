@@ -41,16 +41,18 @@ def write_report(
     latex: bool = False,
     l0_tolerance: float = 0.0,
     claims_l0: Sequence[float] | None = None,
+    resolution: float = 0.0,
 ) -> tuple[pd.DataFrame, list[Path], list[str]]:
     """Write every table and figure under ``out``; (table 1, paths written, notes). The claims
-    are judged at ``claims_l0`` (default: ``claim_points(targets)``)."""
+    are judged at ``claims_l0`` (default: ``claim_points(targets)``); table 1 bolds a best only
+    where it is ahead by more than ``resolution`` (relative) and the intervals."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "problems.csv"]
     problems.to_csv(written[0], index=False)
     if df.empty:
         return pd.DataFrame(), written, ["no complete runs: no tables or figures"]
     targets = default_targets(df) if targets is None else sorted(targets)
-    table = matched_l0_table(df, targets, l0_tolerance=l0_tolerance)
+    table = matched_l0_table(df, targets, l0_tolerance=l0_tolerance, resolution=resolution)
     written += write_table(table, out / "table1_matched_l0", latex, TABLE1_TITLE)
     written += write_table(runs_table(df), out / "table2_runs", False, TABLE2_TITLE)
     points = claim_points(targets) if claims_l0 is None else sorted(claims_l0)
