@@ -1,33 +1,38 @@
-"""The fair tuning protocol behind conf/train/cpu.yaml: the same search budget for every
-architecture, chosen on held-out FVU at the target L0.
+"""The fair tuning protocol behind conf/recipe/cpu_*.yaml: the same search budget for every
+architecture, chosen on held-out FVU at the target L0, healthy on every seed and site.
 
-    python scripts/tune_cpu_recipe.py [--layer 6] [--site residual] [--targets 20,40,80]
-        [--saes jumprelu,gated,topk] [--out results/reference/tuning_cpu]
+    python scripts/tune_cpu_recipe.py [--layer 6] [--sites residual,mlp,attention]
+        [--seeds 0,1] [--targets 20,40,80] [--saes jumprelu,gated,topk] [--lrs 0.002,0.004]
+        [--values constant] [--append] [--report-only] [--out results/reference/tuning_cpu]
 
-The protocol (one table per run of this script, written to --out as tuning.csv / tuning.md):
+The protocol (runs.csv: every run; tuning.csv / tuning.md: one row per candidate recipe):
 - Regime: the quickstart's budgets on train=cpu (`+experiment=quickstart`: width 4 x d_model,
-  160k training tokens in batches of 512, 100k cached training activations), seed 0, the
-  bundled model at --layer / --site.
-- Budget, identical for every architecture: 3 learning rates (LRS) x 2 values of one
-  architecture-specific knob (KNOBS) = 6 candidate recipes, each trained at every target L0
-  (18 short runs per architecture); while an architecture's best lr is the largest tried,
-  the next doubling is tried too (`--lrs 0.004 --append`, then 0.008: TopK stopped at 4e-3,
-  JumpReLU and Gated at 8e-3, where both diverge or collapse). The knob is the one the architecture's failure mode points
-  at: JumpReLU's threshold initialisation (dead latents), Gated's initial sparsity coefficient
-  (the scale of its RI-L1 term, where target-L0 calibration starts), TopK's AuxK coefficient
-  (its dead-latent remedy).
+  160k training tokens in batches of 512, 100k cached training activations), the bundled model
+  at --layer, every (seed, site) of --seeds x --sites, every target of --targets.
+- Candidates: learning rates (--lrs) x values of one architecture-specific knob (KNOBS): the
+  one the architecture's failure mode points at (JumpReLU's threshold initialisation, Gated's
+  initial sparsity coefficient, TopK's AuxK coefficient). Every architecture gets the same lr
+  grid; the first round (round 1 in runs.csv: seed 0, residual only, before the trainer's
+  spike watch) searched 5e-4 .. 8e-3 x two knob values; round 2 re-ran the leading recipes on
+  2 seeds x 3 sites with their doubled lr beside them.
 - Measured exactly as `benchmark.run` measures a run's activation metrics (trained on the
   normalised training cache, scale folded, `benchmark.run.activation_stage` on the
   eval.n_activation_tokens held-out activations of `benchmark.run.held_out_store`): L0, FVU,
-  dead fraction, fraction firing on >10% of tokens. No LM pass: the delta LM loss the tables
-  report plays no part in the choice.
-- Choice: a candidate is eligible if its held-out L0 is within --l0-tolerance (5%) of the
-  target at every target; the chosen recipe is the eligible one with the lowest FVU averaged
-  over the targets (within 0.5% of that, a tie, the knob keeps its value before the protocol). Dead fractions are reported beside it (the goal of <= 5% dead is a goal,
-  not a criterion: the choice is on FVU alone).
+  dead fraction, fraction firing on >10% of tokens, and from the trainer its loss-spike watch
+  (the largest batch-FVU jump over its running EMA, the step of a spike) and divergence. No LM
+  pass: the delta LM loss the tables report plays no part in the choice.
+- Health (`health`): a run is healthy when it did not diverge, the trainer flagged no spike,
+  and its held-out L0 is within --l0-tolerance (5%) of the target. Eligible: every (seed,
+  site, target) run of the recipe healthy. Margin: the same recipe at twice the lr is
+  eligible too ("healthy"), has an unhealthy run ("unhealthy"), or was not run everywhere.
+- Choice (`choose`): the lowest mean FVU over all runs among the eligible recipes with a
+  healthy margin (among the eligible ones when none has a margin, and the table says so);
+  within 0.5% of that, a tie, the knob keeps its value before the protocol. Dead fractions
+  are reported beside it (not a criterion).
 
-All SAEs of one architecture train in lockstep on one batch stream (`train_group`: the same
-batches, in the same order, for every candidate), so the candidates differ only in the recipe.
+All candidates of one architecture at one (seed, site) train in lockstep on one batch stream
+(`train_group`: the same batches, in the same order), so they differ only in the recipe; a
+candidate that diverges ends its own run only.
 """
 
 from __future__ import annotations

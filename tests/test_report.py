@@ -465,3 +465,24 @@ def test_resolution_out_of_range_is_one_line(tmp_path: Path) -> None:
                           "--resolution", "-0.1"], capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert "--resolution=-0.1" in run.stderr and "[0, 1)" in run.stderr
+
+
+def test_what_the_outlier_rule_left_out_is_in_table_2_and_the_notes(tmp_path: Path) -> None:
+    filtered = {"max_norm_multiple": 10.0, "held_out_excluded": 93, "train_excluded": 88,
+                "definition": "..."}  # fmt: skip
+    write_run(tmp_path, layer=14, target_l0=20, l0=20.0, norm_filter=filtered)
+    write_run(
+        tmp_path, layer=14, target_l0=80, l0=80.0, norm_filter=filtered | {"held_out_excluded": 101}
+    )
+    write_run(tmp_path, layer=6, target_l0=20, l0=20.0)  # every token
+    runs, _ = load_results(tmp_path)
+    by_layer = runs.set_index(["layer", "target_l0"])
+    assert (
+        by_layer.loc[(14, 80), "n_left_out"] == 101
+        and by_layer.loc[(14, 20), "n_train_left_out"] == 88
+    )
+    assert np.isnan(by_layer.loc[(6, 20), "max_norm_multiple"])
+    assert {"max_norm_multiple", "n_left_out"} <= set(runs_table(runs).columns)
+    _, _, notes = write_report(runs, pd.DataFrame(), tmp_path / "report")
+    (note,) = [n for n in notes if "max_norm_multiple" in n]
+    assert note.startswith("residual layer 14: 2 run(s)") and "10x" in note and "93-101" in note

@@ -35,11 +35,13 @@ _CHOICES = (
     *("sparsity_mode", "target_l0", "sparsity_coefficient", "coefficient", "seed"),
 )
 _COSTS = ("dead_window_tokens", "train_tokens", "train_seconds", "train_tokens_per_s")
+_LEFT_OUT = ("max_norm_multiple", "n_left_out", "n_train_left_out")  # data.max_norm_multiple
 NUMERIC_COLUMNS = (
     *("layer", "d_in", "d_sae", "target_l0", "sparsity_coefficient", "coefficient", "seed"),
     *METRICS,
     *TOKEN_COLUMNS,
     *_COSTS,
+    *_LEFT_OUT,
     "peak_memory_mb",
 )
 SCHEMA_COLUMNS = (
@@ -49,6 +51,7 @@ SCHEMA_COLUMNS = (
     *METRICS,
     *TOKEN_COLUMNS,
     *_COSTS,
+    *_LEFT_OUT,
     "peak_memory_mb",
 )
 PROBLEM_COLUMNS = ("run_dir", "status", "reason")
@@ -135,6 +138,13 @@ def read_result(path: Path) -> tuple[dict | None, str, str]:
         return None, "incomplete", "missing " + ", ".join(missing)
     row = {key: value for key, value in record.items() if not isinstance(value, (dict, list))}
     row["run_dir"] = str(path.parent)
+    # what data.max_norm_multiple left out (massive activations): the multiple and the
+    # held-out / training rows excluded; absent (NaN) when the run used every token
+    norm = record.get("norm_filter")
+    norm = norm if isinstance(norm, dict) else {}
+    row["max_norm_multiple"] = norm.get("max_norm_multiple")
+    row["n_left_out"] = norm.get("held_out_excluded")
+    row["n_train_left_out"] = norm.get("train_excluded")
     config = record.get("config")
     row["config_flat"] = json.dumps(flatten(config) if isinstance(config, dict) else {},
                                     sort_keys=True, default=str)  # fmt: skip

@@ -31,7 +31,8 @@ RUN_COLUMNS = (
         "frac_dead",
         "frac_freq_over_10pct",
     ),
-    *("frac_freq_over_1pct", "train_frac_dead", *TOKEN_COLUMNS, "train_tokens", "train_seconds"),
+    *("frac_freq_over_1pct", "train_frac_dead", *TOKEN_COLUMNS, "max_norm_multiple"),
+    *("n_left_out", "n_train_left_out", "train_tokens", "train_seconds"),
     *("train_tokens_per_s", "experiment", "run_id", "config_hash"),
 )
 HIDDEN = (

@@ -57,7 +57,7 @@ def write_report(
     written += write_table(runs_table(df), out / "table2_runs", False, TABLE2_TITLE)
     points = claim_points(targets) if claims_l0 is None else sorted(claims_l0)
     written += write_claims(judge_claims(df, points, l0_tolerance), out, latex)
-    notes = []
+    notes = left_out_notes(df)
     if has_budgets(df):  # several training budgets: the claims and fig_budget along them
         by_budget = claims_by_budget(df, points, l0_tolerance)
         written += [out / "claims_by_budget.csv", out / "claims_by_budget.md"]
@@ -80,6 +80,23 @@ def write_report(
         if history is not None:
             written += save(history, out / f"fig_training{suffix}")
     return table, written, notes
+
+
+def left_out_notes(df: pd.DataFrame) -> list[str]:
+    """One note per (site, layer) whose runs left out massive activations
+    (data.max_norm_multiple): the multiple and the held-out rows left out (table 2 has them
+    per run)."""
+    if "max_norm_multiple" not in df:
+        return []
+    used = df[df["max_norm_multiple"].notna()]
+    notes = []
+    for (site, layer), runs in used.groupby(["site", "layer"], sort=True):
+        low, high = runs["n_left_out"].min(), runs["n_left_out"].max()
+        rows = f"{low:.0f}" if low == high else f"{low:.0f}-{high:.0f}"
+        notes.append(f"{site} layer {layer:g}: {len(runs)} run(s) left out positions over "
+                     f"{runs['max_norm_multiple'].iloc[0]:g}x the median norm "
+                     f"(data.max_norm_multiple): {rows} held-out rows each")  # fmt: skip
+    return notes
 
 
 def write_table(table: pd.DataFrame, stem: Path, latex: bool, title: str = "") -> list[Path]:
