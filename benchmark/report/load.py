@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -95,13 +97,10 @@ def off_target(runs: pd.DataFrame) -> list[dict]:
         return []
     gap = runs["l0"] / runs["target_l0"] - 1
     bad = runs[runs["target_l0"].notna() & (gap.abs() > OFF_TARGET_TOLERANCE)]
-    return [
-        {"run_dir": r.run_dir, "status": "warning",
-         "reason": f"off target: l0 {r.l0:.1f} vs target_l0 {r.target_l0:g} "
-                   f"({100 * (r.l0 / r.target_l0 - 1):+.1f}%; fvu {r.fvu:.3f}, frac_dead "
-                   f"{r.frac_dead:.3f}): calibration failed, training may have diverged"}
-        for r in bad.itertuples()
-    ]  # fmt: skip
+    return warnings(bad, lambda r: (
+        f"off target: l0 {r.l0:.1f} vs target_l0 {r.target_l0:g} "
+        f"({100 * (r.l0 / r.target_l0 - 1):+.1f}%; {_state(r)}): calibration failed, training "
+        "may have diverged"))  # fmt: skip
 
 
 def spiked(runs: pd.DataFrame) -> list[dict]:
@@ -111,13 +110,19 @@ def spiked(runs: pd.DataFrame) -> list[dict]:
     if runs.empty or "train_spike_step" not in runs:
         return []
     bad = runs[pd.to_numeric(runs["train_spike_step"], errors="coerce").notna()]
-    return [
-        {"run_dir": r.run_dir, "status": "warning",
-         "reason": f"loss spike at step {int(r.train_spike_step)} (batch FVU "
-                   f"{r.train_max_fvu_jump:.0f}x its running average; l0 {r.l0:.1f}, fvu "
-                   f"{r.fvu:.3f}, frac_dead {r.frac_dead:.3f}): training diverged"}
-        for r in bad.itertuples()
-    ]  # fmt: skip
+    return warnings(bad, lambda r: (
+        f"loss spike at step {int(r.train_spike_step)} (batch FVU {r.train_max_fvu_jump:.0f}x "
+        f"its running average; l0 {r.l0:.1f}, {_state(r)}): training diverged"))  # fmt: skip
+
+
+def warnings(bad: pd.DataFrame, reason: Callable[[Any], str]) -> list[dict]:
+    """problems.csv rows (status "warning") for the runs in ``bad``, each with its reason."""
+    return [{"run_dir": r.run_dir, "status": "warning", "reason": reason(r)}
+            for r in bad.itertuples()]  # fmt: skip
+
+
+def _state(r: Any) -> str:
+    return f"fvu {r.fvu:.3f}, frac_dead {r.frac_dead:.3f}"
 
 
 def read_result(path: Path) -> tuple[dict | None, str, str]:
