@@ -50,7 +50,11 @@ def test_the_cpu_recipes_are_the_tuning_protocols_choice() -> None:
         assert cfg.train.lr == pytest.approx(row.lr), row.sae
         # the knob: each architecture's chosen value is its config's value
         if row.sae.startswith("jumprelu"):
-            assert cfg.sae.get("threshold_init_mode", "constant") == row.value
+            # "constant" or "constant + adam beta1 0.9" (round 2's alternative to beta1 = 0)
+            init, *extra = row.value.split(" + ")
+            assert cfg.sae.get("threshold_init_mode", "constant") == init
+            beta1 = 0.9 if "adam beta1 0.9" in extra else 0.0
+            assert cfg.train.adam_betas[0] == pytest.approx(beta1), row.sae
         elif row.sae == "gated":
             assert cfg.sae.coefficient == pytest.approx(float(row.value))
         elif row.sae == "topk":
