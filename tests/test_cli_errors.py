@@ -230,6 +230,10 @@ def test_report_of_an_empty_or_missing_folder(tmp_path, capsys):
 # ---- 5. Ctrl-C ----
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.integration
 def test_ctrl_c_during_a_run_is_one_line_and_status_130(tmp_path):
     """SIGINT once the job has started (loading the model or harvesting): status 130, the last
@@ -237,8 +241,11 @@ def test_ctrl_c_during_a_run_is_one_line_and_status_130(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     cmd = [sys.executable, "-m", "benchmark.run", *SMOKE_RUN, f"results_dir={tmp_path}",
            "progress=false"]  # fmt: skip
+    # The child gets the default SIGINT disposition: a shell without job control starts a
+    # background command (`make test &`) with SIGINT ignored, which would be inherited and
+    # make Python skip its Ctrl-C handler (the run would then finish with status 0).
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)  # fmt: skip
+                            text=True, env=env, preexec_fn=_default_sigint)  # fmt: skip
     watchdog = threading.Timer(90, proc.kill)
     watchdog.start()
     try:
