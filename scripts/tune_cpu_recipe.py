@@ -61,6 +61,10 @@ KNOBS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
     "jumprelu": ("threshold_init", [
         ("constant", ["+sae.threshold_init_mode=constant"]),
         ("quantile", ["+sae.threshold_init_mode=quantile", "+sae.target_l0=${sparsity.target_l0}"]),
+        # round 2: the paper's Adam beta1 = 0 is what lets a large lr spike (measured: seed 1,
+        # residual L0 40, lr 4e-3 jumped 1203x at step 188); the usual beta1 = 0.9 beside it
+        ("constant + adam beta1 0.9", ["+sae.threshold_init_mode=constant",
+                                      "train.adam_betas=[0.9,0.999]"]),
     ]),
     # a variant, tuned the same way for reference (not one of the paper's three)
     # (its own remedy for dead latents is the pre-activation loss: the knob is left at the
@@ -78,6 +82,9 @@ KNOBS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
     "topk": ("aux_coefficient", [
         ("1/32", ["sae.aux_coefficient=0.03125"]),
         ("1/8", ["sae.aux_coefficient=0.125"]),
+        # round 2: TopK spiked too at beta1 = 0 (lr 2e-3, seed 1, residual L0 40: 40x at
+        # step 190); the usual beta1 = 0.9 beside it
+        ("1/32 + adam beta1 0.9", ["sae.aux_coefficient=0.03125", "train.adam_betas=[0.9,0.999]"]),
     ]),
 }  # fmt: skip
 
@@ -158,11 +165,15 @@ KEYS = ["sae", "lr", "knob", "value"]
 
 
 def read_runs(path: Path) -> pd.DataFrame:
-    """runs.csv as `choose` reads it. Rows of the first round (seed 0, layer 6 residual, before
-    the trainer's spike watch; no seed/site/round columns) are read as round 1 at seed 0 and
-    site residual, with no spike information (NaN) and no divergence recorded."""
+    """runs.csv as `choose` reads it. A row without a seed is from the first round (seed 0,
+    layer 6 residual, before the trainer's spike watch): it is read as round 1 at seed 0 and
+    site residual, with no spike information (NaN) and no divergence recorded; a row with a
+    seed but no round is this round's."""
     runs = pd.read_csv(path, dtype={"value": str, "diverged": str})
-    first_round = {"round": 1, "seed": 0, "site": "residual", "diverged": "",
+    first = runs["seed"].isna() if "seed" in runs else pd.Series(True, index=runs.index)
+    rounds = first.map({True: 1, False: ROUND})
+    runs["round"] = runs["round"].fillna(rounds) if "round" in runs else rounds
+    first_round = {"seed": 0, "site": "residual", "diverged": "",
                    "spike_step": float("nan"), "max_fvu_jump": float("nan")}  # fmt: skip
     for column, value in first_round.items():
         runs[column] = runs[column].fillna(value) if column in runs else value

@@ -54,7 +54,7 @@ def test_a_coefficient_sweep_maps_to_distinct_folders_and_one_curve():
 @pytest.mark.parametrize(
     "override",
     ["train.n_tokens=300000", "train=paper", "data.context_length=64", "model=gpt2_small",
-     "train.width_factor=4", "train.lr=0.002", "eval.n_activation_tokens=50000", "seed=1",
+     "train.width_factor=4", "train.lr=0.003", "eval.n_activation_tokens=50000", "seed=1",
      "sae.bandwidth=0.01", "data.n_train_tokens=100000", "model.dtype=bfloat16"],
 )  # fmt: skip
 def test_anything_that_can_change_a_number_changes_the_hash(override):

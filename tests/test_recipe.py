@@ -49,15 +49,16 @@ def test_the_cpu_recipes_are_the_tuning_protocols_choice() -> None:
         cfg = compose_config(["+experiment=quickstart", f"sae={row.sae}"])
         assert cfg.train.lr == pytest.approx(row.lr), row.sae
         # the knob: each architecture's chosen value is its config's value
+        # a value is the knob's, optionally "+ adam beta1 0.9" (round 2's alternative to the
+        # paper's beta1 = 0), e.g. "constant + adam beta1 0.9"
+        value, *extra = row.value.split(" + ")
+        beta1 = 0.9 if "adam beta1 0.9" in extra else 0.0
+        assert cfg.train.adam_betas[0] == pytest.approx(beta1), row.sae
         if row.sae.startswith("jumprelu"):
-            # "constant" or "constant + adam beta1 0.9" (round 2's alternative to beta1 = 0)
-            init, *extra = row.value.split(" + ")
-            assert cfg.sae.get("threshold_init_mode", "constant") == init
-            beta1 = 0.9 if "adam beta1 0.9" in extra else 0.0
-            assert cfg.train.adam_betas[0] == pytest.approx(beta1), row.sae
+            assert cfg.sae.get("threshold_init_mode", "constant") == value
         elif row.sae == "gated":
-            assert cfg.sae.coefficient == pytest.approx(float(row.value))
+            assert cfg.sae.coefficient == pytest.approx(float(value))
         elif row.sae == "topk":
-            assert cfg.sae.aux_coefficient == pytest.approx(float(Fraction(row.value)))
+            assert cfg.sae.aux_coefficient == pytest.approx(float(Fraction(value)))
     # every chosen recipe reached its targets: held-out L0 within 5% at each
     assert (chosen["max_l0_off"] <= 0.05).all() and chosen["eligible"].all()
