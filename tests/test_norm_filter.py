@@ -133,7 +133,8 @@ def test_the_rule_keeps_the_hashes_of_the_committed_runs():
     resolved data.max_norm_multiple), and a run it touches has the hash of the same run with
     the multiple set by hand: the folders of results/reference/paper_cpu (layer 6) and
     results/reference/paper_cpu_maxnorm (layers 14 and 22, run with data.max_norm_multiple=10)."""
-    base = ["+experiment=paper_cpu", "sae=gated", "sparsity=l0_20", "seed=0"]
+    # train.lr=0.004: Gated's recipe when those grids ran (round 1 of the tuning protocol)
+    base = ["+experiment=paper_cpu", "sae=gated", "sparsity=l0_20", "seed=0", "train.lr=0.004"]
     for folder, extra in (("paper_cpu", ["layer=early"]), ("paper_cpu", ["layer=early", "site=mlp"]),
                           ("paper_cpu_maxnorm", ["layer=middle"])):  # fmt: skip
         name = identity.run_name(compose_config([*base, *extra]), "gated")
