@@ -63,14 +63,12 @@ def write_report(
         written += [out / "claims_by_budget.csv", out / "claims_by_budget.md"]
         by_budget.to_csv(written[-2], index=False)
         written[-1].write_text(budget_markdown(by_budget, points))
-        middle = float(np.median(points))
-        for model, runs in df.groupby("model", sort=True):
-            suffix = "" if df["model"].nunique() == 1 else f"_{model}"
-            figure, missing = plot_budget(runs, middle, l0_tolerance)
-            written += save(figure, out / f"fig_budget{suffix}")
-            notes += missing
     for model, runs in df.groupby("model", sort=True):
         suffix = "" if df["model"].nunique() == 1 else f"_{model}"
+        if has_budgets(df):
+            figure, missing = plot_budget(runs, float(np.median(points)), l0_tolerance)
+            written += save(figure, out / f"fig_budget{suffix}")
+            notes += missing
         for name, metric in CURVE_FIGURES.items():
             written += save(plot_metric_vs_l0(runs, metric, targets), out / f"{name}{suffix}")
         figure, missing = plot_firing_histograms(runs, float(np.median(targets)))
