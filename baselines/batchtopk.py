@@ -7,8 +7,8 @@ an exponential moving average (`threshold_momentum`) of the smallest positive ac
 in each training batch. AuxK, initialisation, b_pre and the sparse training path are TopK's (this class extends it);
 at inference the threshold code takes the dense path.
 
-This file is also the worked example of adding a baseline by config (README): one class here and
-one YAML, conf/sae/batchtopk.yaml.
+This file is also the worked example of adding a baseline by config (README,
+docs/architectures.md): one class here and one YAML, conf/sae/batchtopk.yaml.
 """
 
 from __future__ import annotations
