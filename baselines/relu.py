@@ -6,6 +6,11 @@
 The L1 term is weighted by decoder row norms (d_i = row i of W_dec), so it cannot be gamed by
 shrinking latents and growing decoder rows; with unit-norm rows the weights are 1 in value but
 still carry their gradient.
+
+Sparse path (`sparse`, baselines/sparse.py): f, the L1 term and every gradient vanish outside the
+pairs with pre > 0, so once training has made the code sparse the encoder product is the only
+dense one; the decoder and the backward run over those pairs ("auto": below the device's
+measured crossover density, `baselines.sparse.use_sparse`).
 """
 
 from __future__ import annotations
@@ -14,17 +19,55 @@ import torch
 from torch import Tensor
 
 from baselines.base import SAEOutput, SparseAutoencoder, squared_error
+from baselines.sparse import (
+    SparseCode,
+    SparseMode,
+    check_mode,
+    mask_code,
+    per_latent,
+    sparse_forward,
+    use_sparse,
+)
 
 
 class ReLUSAE(SparseAutoencoder):
-    """ReLU SAE. Args as `SparseAutoencoder`; coefficient is lambda of the L1 term."""
+    """ReLU SAE. Args as `SparseAutoencoder`; coefficient is lambda of the L1 term;
+    sparse: True (sparse decoder and backward), False (dense reference) or "auto"."""
+
+    def __init__(
+        self, d_in: int, d_sae: int, coefficient: float = 0.0, sparse: SparseMode = "auto"
+    ) -> None:
+        super().__init__(d_in, d_sae, coefficient)
+        self.sparse = check_mode(sparse)
 
     def activate(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """As the base class, with the bias added inside the matmul (one pass less)."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    def active_code(self, pre: Tensor) -> SparseCode | None:
+        """The pairs with pre > 0 when the sparse path is taken, else None."""
+        if self.sparse is False:
+            return None
+        active = pre > 0
+        if not use_sparse(self.sparse, int(active.count_nonzero()) / active.numel(), pre.device):
+            return None
+        return mask_code(active)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        return sparse_forward(self, x, lambda z, code: torch.relu(z))
 
     def loss_terms(
         self, x: Tensor, out: SAEOutput, coefficient: float, dead_mask: Tensor | None
     ) -> dict[str, Tensor]:
         mse = squared_error(x, out.x_hat)
-        l1 = (out.f.abs() * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+        norms = self.W_dec.norm(dim=1)  # (d_sae,)
+        code: SparseCode | None = getattr(out, "code", None)
+        if code is None:
+            l1 = (out.f.abs() * norms).sum(dim=-1).mean()
+        else:  # f = 0 outside the code's pairs
+            values: Tensor = out.values  # type: ignore[attr-defined]
+            l1 = (values.abs() * per_latent(norms, code)).sum() / code.n_tokens
         return {"loss": mse + coefficient * l1, "mse": mse, "l1": l1}

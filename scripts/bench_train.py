@@ -10,10 +10,11 @@ bound*: the time of the six dense products of one SAE step at the same shapes (x
 f @ W_dec and the four backward matmuls), measured in the same run right before each
 architecture, so that both sides of a ratio see the same machine load. A ratio above 1 means
 the step costs less than its six dense products (a sparse step); a dense architecture cannot
-reach 1. JumpReLU starts at the matched L0 (thresholds set so that L0 ~ k on the data, as after
-training): with the tiny default threshold it fires on ~40% of latents of this data.
+reach 1. JumpReLU, ReLU and Gated start at the matched L0 (threshold or encoder/gate bias set so
+that L0 ~ k on the data, as after training; `matched_density`): at their initial values they
+fire on ~40-50% of the latents of this data, the regime of a run's first steps only.
 
---crossover compares the sparse and the dense path of TopK and JumpReLU at several densities
+--crossover compares the sparse and the dense path of TopK, JumpReLU and Gated at several densities
 on this device (the measurement behind baselines/sparse.py's MAX_SPARSE_DENSITY).
 Synthetic data makes it runnable anywhere (a GPU machine needs no model or corpus).
 --precision is train.precision (fp32 | tf32 | bf16; tf32 and bf16 need CUDA): the trainer's
@@ -89,21 +90,32 @@ def dense_bound(
     return six
 
 
-def matched_threshold(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> None:
-    """Set every JumpReLU threshold to the pre-activation quantile that gives L0 ~ k on x."""
+# The bias (or threshold) that sets each penalised architecture's code density; TopK-like
+# architectures are at k by construction.
+DENSITY_KNOB = {"jumprelu": "raw_threshold", "relu": "b_enc", "gated": "b_gate"}
+
+
+def matched_density(sae: SparseAutoencoder, name: str, x: torch.Tensor, k: int) -> None:
+    """Start at a trained code density: L0 ~ k on x, as after training. JumpReLU: every
+    threshold at the pre-activation quantile that leaves k * B pairs above it; ReLU and Gated:
+    the encoder (gate) bias shifted down by that quantile, so that the same pairs are open. At
+    zero biases ~half of the latents fire on this data, which is the dense path's regime."""
     with torch.no_grad():
         pre = sae.pre_activations(x).flatten()
-        theta = pre.kthvalue(pre.numel() - k * x.shape[0]).values
-        sae.raw_threshold.fill_(float(theta))  # type: ignore[operator]
+        theta = float(pre.kthvalue(pre.numel() - k * x.shape[0]).values)
+        knob = getattr(sae, DENSITY_KNOB[name])
+        if name == "jumprelu":
+            knob.fill_(theta)
+        else:
+            knob.sub_(theta)
 
 
 def build(name: str, node: dict, a: argparse.Namespace, x: torch.Tensor, sparse: object):
     torch.manual_seed(0)
-    if name in ("topk", "batchtopk", "jumprelu"):
-        node = {**node, "sparse": sparse}
+    node = {**node, "sparse": sparse}
     sae = build_sae(node, a.d_in, a.width).to(x.device)
-    if name == "jumprelu":
-        matched_threshold(sae, x, a.k)
+    if name in DENSITY_KNOB:
+        matched_density(sae, name, x, a.k)
     return sae
 
 
@@ -126,7 +138,7 @@ def crossover(a: argparse.Namespace, x: torch.Tensor, cfg: TrainConfig) -> None:
         if not 0 < k <= a.width:
             continue
         a_k = argparse.Namespace(**{**vars(a), "k": k})
-        for name in ("topk", "jumprelu"):
+        for name in ("topk", "jumprelu", "gated"):
             node = {**all_nodes[name], **({"k": k} if name == "topk" else {})}
             rate = {s: train_rate(build(name, node, a_k, x, s), x, cfg, 1) for s in (True, False)}
             print(f"{name:>10} k={k:5d} density={k / a.width:.4f}: sparse/dense step speed "
@@ -144,7 +156,7 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="train.precision; tf32 and bf16 need CUDA")  # fmt: skip
     p.add_argument("--sparse", default="auto", choices=["auto", "true", "false"],
-                   help="sparse path of topk / batchtopk / jumprelu")  # fmt: skip
+                   help="sparse path of every architecture that has one")  # fmt: skip
     p.add_argument("--crossover", action="store_true", help="sparse vs dense speed by density")
     a = p.parse_args()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -164,7 +176,7 @@ def main() -> None:
         return crossover(a, x, cfg)
     six = dense_bound(a.batch, a.d_in, a.width, dev, a.precision)
     bounds = []
-    for name in ("jumprelu", "gated", "topk", "batchtopk", "relu"):
+    for name in ("jumprelu", "gated", "topk", "batchtopk", "matryoshka_batchtopk", "relu"):
         sae = build(name, nodes(a.k)[name], a, x, sparse)
         bound = a.batch / seconds(six, dev, reps=max(2, a.steps // 2))  # tokens/s
         rate, l0 = train_rate(sae, x, cfg, warm=2)

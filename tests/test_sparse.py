@@ -1,5 +1,5 @@
-"""The sparse path of TopK, BatchTopK and JumpReLU (with each of its sparsity losses:
-baselines/sparse.py) against the dense one.
+"""The sparse path of TopK, BatchTopK, JumpReLU (with each of its sparsity losses), ReLU and
+Gated (baselines/sparse.py) against the dense one.
 
 The dense formulas are the reference: for random inputs at a few shapes the sparse path gives
 the same outputs, loss terms and parameter gradients (float64, 1e-5 relative), with and without
@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from baselines.batchtopk import BatchTopKSAE
+from baselines.gated import GatedSAE
 from baselines.jumprelu import JumpReLUSAE
+from baselines.relu import ReLUSAE
 from baselines.sparse import MAX_SPARSE_DENSITY, SparseSAEOutput, mask_code, per_latent, use_sparse
 from baselines.topk import TopKSAE
 from benchmark.train import Sparsity, TrainConfig, train_sae
@@ -37,13 +39,22 @@ def _make(arch: str, d_in: int, d_sae: int, **kw):
         sae = TopKSAE(d_in, d_sae, k=6, k_aux=9, sparse=False, **kw)
     elif arch == "batchtopk":
         sae = BatchTopKSAE(d_in, d_sae, k=6, k_aux=9, sparse=False, **kw)
+    elif arch == "relu":
+        sae = ReLUSAE(d_in, d_sae, coefficient=0.3, sparse=False, **kw)
+    elif arch == "gated":
+        sae = GatedSAE(d_in, d_sae, coefficient=0.3, sparse=False, **kw)
     else:
         sae = JumpReLUSAE(d_in, d_sae, coefficient=0.3, bandwidth=0.1, threshold_init=0.1,
                           sparse=False, **JUMPRELU_VARIANTS[arch], **kw)  # fmt: skip
     sae = sae.double()
     with torch.no_grad():
-        sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
+        if arch == "gated":  # negative gate biases: a code about as sparse as the others'
+            sae.b_gate.normal_(-0.3, 0.1)
+            sae.b_mag.normal_(0, 0.1)
+            sae.r_mag.normal_(0, 0.3)
+        else:
+            sae.b_enc.normal_(-0.3 if arch == "relu" else 0, 0.1)
         if arch.startswith("jumprelu"):
             sae.raw_threshold.uniform_(0.02, 0.3)
             if sae.threshold_param == "log":
@@ -74,7 +85,7 @@ def _assert_same(a: dict, b: dict):
                                    msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
 
 
-ARCHS = ["topk", "batchtopk", *JUMPRELU_VARIANTS]
+ARCHS = ["topk", "batchtopk", *JUMPRELU_VARIANTS, "relu", "gated"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -87,7 +98,7 @@ def test_sparse_loss_and_gradients_equal_dense(arch, shape, with_dead):
     dead = None
     if with_dead and dense.uses_dead_mask:
         dead = torch.arange(d_sae) % 3 == 0
-    elif with_dead:  # JumpReLU: no AuxK; vary the input scale instead
+    elif with_dead:  # JumpReLU, ReLU, Gated: no AuxK; vary the input scale instead
         x = x * 3
     out_d, out_s = dense(x), sparse(x)
     assert isinstance(out_s, SparseSAEOutput) and not isinstance(out_d, SparseSAEOutput)
@@ -174,9 +185,16 @@ def test_auto_picks_by_density_and_device():
     assert isinstance(jump(torch.randn(3, 8)), SparseSAEOutput)
     jump = JumpReLUSAE(8, 1000, threshold_init=1e-6)  # ~half the latents fire: dense
     assert not isinstance(jump(torch.randn(3, 8)), SparseSAEOutput)
+    for sae, bias in ((GatedSAE(8, 1000), "b_gate"), (ReLUSAE(8, 1000), "b_enc")):
+        x = torch.randn(3, 8)
+        assert not isinstance(sae(x), SparseSAEOutput)  # zero biases: ~half open, dense
+        with torch.no_grad():  # unit-norm encoder columns, |x - b_dec| ~ 3: ~1% of pairs open
+            getattr(sae, bias).fill_(-2.0 * float(x.norm(dim=1).max()))
+        out = sae(x)
+        assert isinstance(out, SparseSAEOutput) and out.code.tokens.numel() < 0.15 * 3000
 
 
-@pytest.mark.parametrize("cls", [TopKSAE, JumpReLUSAE])
+@pytest.mark.parametrize("cls", [TopKSAE, JumpReLUSAE, ReLUSAE, GatedSAE])
 def test_sparse_flag_is_validated(cls):
     kw = {"k": 2} if cls is TopKSAE else {}
     with pytest.raises(ValueError, match="sparse must be"):
