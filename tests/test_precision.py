@@ -152,7 +152,8 @@ def test_fp32_and_tf32_contexts_leave_the_flags_as_they_were():
 @pytest.mark.parametrize(
     ("name", "overrides"),
     [("jumprelu", []), ("jumprelu", ["+sae.sparse=true"]), ("gated", []), ("topk", []),
-     ("topk", ["+sae.sparse=false"]), ("relu", []), ("batchtopk", [])],
+     ("topk", ["+sae.sparse=false"]), ("relu", []), ("batchtopk", []),
+     ("matryoshka_batchtopk", [])],
 )  # fmt: skip
 def test_bf16_autocast_step_keeps_fp32_state(name, overrides):
     """On the CPU's autocast (tiny sizes): forward and loss run under autocast, the parameters, gradients,

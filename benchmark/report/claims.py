@@ -38,7 +38,8 @@ from benchmark.report.load import sort_rows
 from benchmark.report.stats import ci95_half_width, matched_l0_table, x_column
 
 HOLDS, REFUTED, INCONCLUSIVE, MEASURED = "holds", "refuted", "inconclusive", "measured"
-NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK"}
+NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK",
+         "matryoshka_batchtopk": "Matryoshka BatchTopK"}  # fmt: skip
 CELL = ("model", "site", "layer", "d_sae", "budget", "target_l0")
 SUMMARY_COLUMNS = ("claim", "figure", "verdict", "cells", "evidence", "reason")
 

@@ -179,8 +179,8 @@ PANEL = ("model", "site", "layer")
 # One colour and marker per architecture, the paper's three first (matplotlib's default cycle).
 STYLE = {"jumprelu": ("C0", "o"), "gated": ("C1", "s"), "topk": ("C2", "^"),
          "batchtopk": ("C3", "D"), "relu": ("C4", "v"), "jumprelu_tanh": ("C5", "P"),
-         "jumprelu_target_l0": ("C6", "X")}  # fmt: skip
-OTHER_STYLES = (("C7", "*"), ("C8", "h"), ("C9", "p"))
+         "jumprelu_target_l0": ("C6", "X"), "matryoshka_batchtopk": ("C7", "<")}  # fmt: skip
+OTHER_STYLES = (("C8", "h"), ("C9", "p"), ("k", "*"))
 DASHES = ("-", "--", ":", "-.")
 VARIANT_KEYS_SHOWN = 2  # at most this many differing config keys in a variant's name
 

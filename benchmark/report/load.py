@@ -59,7 +59,7 @@ SCHEMA_COLUMNS = (
 PROBLEM_COLUMNS = ("run_dir", "status", "reason")
 ORDER = {  # paper order first, anything else after it alphabetically
     "site": ("residual", "mlp", "attention"),
-    "sae": ("jumprelu", "gated", "topk", "batchtopk", "relu"),
+    "sae": ("jumprelu", "gated", "topk", "batchtopk", "matryoshka_batchtopk", "relu"),
 }
 
 
