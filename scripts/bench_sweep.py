@@ -16,6 +16,15 @@ held-out activation metrics and the LM passes); a group's shared stages count on
 the sweep's wall time minus those stages: Python and library imports, Hydra composition, job
 bookkeeping and writing the results. The last line compares the two modes' metrics: grouping
 must change no number. Run it on a quiet machine: timings are wall clock.
+
+Each stage against its bound (the second table, per mode): the stage's arithmetic as
+`benchmark.plan` counts it for the same sweep (harvest and LM evaluation: the model's forward
+FLOPs, as the mode runs them; training: 12 d_in d_sae FLOPs per token and SAE, the dense
+step's six products, per architecture; activation metrics: 4 d_in d_sae per held-out token),
+divided by this machine's fp32 matmul rate measured in the same run (`benchmark.plan`'s
+`matmul_flops`, before the mode runs). `x bound` = measured / bound: 1.0 would be every FLOP at
+the matmul's rate; a sparse training step can beat the dense bound (< 1). Setup, report and
+other have no arithmetic bound.
 """
 
 from __future__ import annotations
@@ -32,14 +41,55 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("setup", "harvest", "train", "evaluate")
+EVAL_PARTS = ("activation_metrics", "lm_eval")  # evaluate's two parts (benchmark/run.py)
 METRICS = ("l0", "fvu", "delta_lm_loss", "frac_dead")
 
 
-def run_mode(experiment: str, mode: str, work: Path) -> tuple[dict[str, float], pd.DataFrame]:
+def overrides(experiment: str, mode: str, results: Path, cache: Path) -> list[str]:
+    return [f"+experiment={experiment}", f"results_dir={results}", f"cache_dir={cache}",
+            "progress=false", f"hydra.launcher.group={'true' if mode == 'fanout' else 'false'}"]  # fmt: skip
+
+
+def stage_bounds(plan: dict, mode: str) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(fp32 matmul FLOP/s, FLOPs per stage, training FLOPs per architecture) from a plan."""
+    flops = plan["flops"]
+    kind = "fanout" if mode == "fanout" else "independent"
+    per_arch: dict[str, float] = {}
+    sae_of = {Path(j["run_dir"]).name: j["sae"] for j in plan["jobs"]}
+    for run, f in flops["sae_training_per_sae"].items():
+        per_arch[sae_of[run]] = per_arch.get(sae_of[run], 0.0) + f
+    stages = {
+        "harvest": flops[f"harvest_{kind}"],
+        "train": flops["sae_training_total"],
+        "activation_metrics": flops["sae_activation_metrics"],
+        "lm_eval": flops[f"lm_eval_{kind}"],
+    }
+    return float(plan["throughput"]["matmul_flops_per_s"]["float32"]), stages, per_arch
+
+
+def bound_table(rate: float, flops: dict[str, float], per_arch: dict[str, float],
+                measured: dict[str, float], arch_seconds: dict[str, float]) -> pd.DataFrame:  # fmt: skip
+    """Per stage (and training per architecture): measured s, FLOPs, bound s, measured / bound."""
+    rows = [(stage, measured.get(stage, float("nan")), f) for stage, f in flops.items()]
+    rows[2:2] = [
+        (f"  train {a}", arch_seconds.get(a, float("nan")), f) for a, f in per_arch.items()
+    ]
+    df = pd.DataFrame(rows, columns=["stage", "measured s", "FLOPs"]).set_index("stage")
+    df["bound s"] = df["FLOPs"] / rate
+    df["x bound"] = df["measured s"] / df["bound s"]
+    return df
+
+
+def run_mode(
+    experiment: str, mode: str, work: Path
+) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
+    from benchmark.plan import Options, build_plan
+
     results, cache = work / mode / "results", work / mode / "cache"
-    cmd = [sys.executable, "-m", "benchmark.run", "-m", f"+experiment={experiment}",
-           f"results_dir={results}", f"cache_dir={cache}", "progress=false",
-           f"hydra.launcher.group={'true' if mode == 'fanout' else 'false'}"]  # fmt: skip
+    args = overrides(experiment, mode, results, cache)
+    plan = build_plan(args, Options(multirun=True, timing=False))
+    rate, flops, per_arch = stage_bounds(plan, mode)
+    cmd = [sys.executable, "-m", "benchmark.run", "-m", *args]
     t0 = time.perf_counter()
     sweep = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     sweep_s = time.perf_counter() - t0
@@ -57,14 +107,17 @@ def run_mode(experiment: str, mode: str, work: Path) -> tuple[dict[str, float], 
     records = [
         json.loads(p.read_text()) for p in sorted((results / experiment).glob("*/result.json"))
     ]
-    split = dict.fromkeys(STAGES, 0.0)
+    split = dict.fromkeys((*STAGES, *EVAL_PARTS), 0.0)
+    arch_seconds: dict[str, float] = {}
     seen: set[str] = set()
     for r in records:
+        sae = r["choices"]["sae"]
+        arch_seconds[sae] = arch_seconds.get(sae, 0.0) + float(r["train_seconds"])
         group = r.get("trained_in_group") or r["run_id"]  # a group's shared stages count once
         if group in seen:
             continue
         seen.add(group)
-        for stage in STAGES:
+        for stage in (*STAGES, *EVAL_PARTS):
             split[stage] += float((r.get("stage_seconds") or {}).get(stage, 0.0))
     split["other"] = sweep_s - sum(split[s] for s in STAGES)
     split["report"] = report_s
@@ -73,7 +126,9 @@ def run_mode(experiment: str, mode: str, work: Path) -> tuple[dict[str, float], 
     split["groups"] = len(seen)
     split["peak_memory_gb"] = max(r.get("peak_memory_mb") or 0 for r in records) / 1024
     table = pd.DataFrame([{"run_id": r["run_id"], **{m: r[m] for m in METRICS}} for r in records])
-    return split, table.set_index("run_id")
+    bounds = bound_table(rate, flops, per_arch, split, arch_seconds)
+    bounds.attrs["matmul_flops_per_s"] = rate
+    return split, table.set_index("run_id"), bounds
 
 
 def main() -> None:
@@ -90,10 +145,10 @@ def main() -> None:
         sys.exit(f"error: --modes {','.join(bad)}: valid modes are fanout, separate")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     print(f"{args.experiment} from a fresh cache, results under {work}", flush=True)
-    splits, tables = {}, {}
+    splits, tables, bounds = {}, {}, {}
     for mode in modes:
         print(f"  running {mode} ...", flush=True)
-        splits[mode], tables[mode] = run_mode(args.experiment, mode, work)
+        splits[mode], tables[mode], bounds[mode] = run_mode(args.experiment, mode, work)
     df = pd.DataFrame(splits).T
     cols = [*STAGES, "report", "other", "total"]
     print()
@@ -101,6 +156,12 @@ def main() -> None:
     print(df[cols].round(1).to_markdown())
     print()
     print(df[["jobs", "groups", "peak_memory_gb"]].round(2).to_markdown())
+    for mode in modes:
+        b = bounds[mode]
+        print(f"\neach stage against its bound ({mode}; fp32 matmul measured at "
+              f"{b.attrs['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s in this run):")  # fmt: skip
+        shown = b.assign(FLOPs=b["FLOPs"].map(lambda f: f"{f:.3g}"))
+        print(shown.round({"measured s": 1, "bound s": 1, "x bound": 2}).to_markdown())
     if len(modes) == 2:
         a, b = (splits[m]["total"] for m in modes)
         print(f"\n{modes[1]} / {modes[0]} total wall time: {b / a:.2f}x")
