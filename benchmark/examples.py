@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import errno
 import html
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from benchmark import cli_errors, data, models
+from benchmark.evaluate import hook_layer
 from benchmark.fileio import atomic_write, write_json_atomic
 from benchmark.saes import load_sae
 
@@ -60,13 +60,6 @@ class Scan:
     def frequency(self) -> Tensor:
         """(d_sae,) share of the scanned non-special positions where each latent fires."""
         return torch.bincount(self.cols, minlength=self.d_sae).double() / max(1, self.n_tokens)
-
-
-def hook_layer(hook: str) -> int:
-    match = re.match(r"blocks\.(\d+)\.", hook)
-    if not match:
-        raise ValueError(f"hook {hook!r} is not a block hook (blocks.<layer>.<name>)")
-    return int(match.group(1))
 
 
 @torch.inference_mode()

@@ -50,7 +50,6 @@ from benchmark import identity
 
 log = logging.getLogger("benchmark.fanout")
 T = TypeVar("T")
-CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
 
 
 @dataclass
@@ -124,7 +123,7 @@ def register(groups: Sequence[Group]) -> None:
 
 
 @dataclass
-class Job:
+class SweepJob:
     """One job of a multirun, composed: its Hydra config (run by run_job), its task config
     (what the task function sees), its folder and its choices."""
 
@@ -138,7 +137,7 @@ class Job:
 def compose_job(
     hydra_context: Any, config: DictConfig, overrides: Sequence[str], idx: int,
     job_id: Any = None,
-) -> Job:  # fmt: skip
+) -> SweepJob:  # fmt: skip
     """A job composed once, as Hydra's launchers do: the same config is later run by run_job.
     hydra.job.id is `job_id` (a submitit task's id), else the job's number."""
     sweep = hydra_context.config_loader.load_sweep_config(config, list(overrides))
@@ -147,14 +146,14 @@ def compose_job(
         sweep.hydra.job.num = idx
     HydraConfig.instance().set_config(sweep)  # the folder name reads ${hydra:...}
     out = Path(str(sweep.hydra.sweep.dir)) / str(sweep.hydra.sweep.subdir)
-    choices = {g: sweep.hydra.runtime.choices.get(g) for g in CHOICE_GROUPS}
+    choices = {g: sweep.hydra.runtime.choices.get(g) for g in identity.CHOICE_GROUPS}
     task = copy.deepcopy(sweep)
     with read_write(task), open_dict(task):
         del task["hydra"]
-    return Job(sweep, task, Path(os.path.abspath(out)), choices, list(overrides))
+    return SweepJob(sweep, task, Path(os.path.abspath(out)), choices, list(overrides))
 
 
-def run_grouped(hydra_context: Any, task_function: Any, jobs: Sequence[Job], *,
+def run_grouped(hydra_context: Any, task_function: Any, jobs: Sequence[SweepJob], *,
                 max_saes: int | None = None, split_sites: bool = False) -> list[JobReturn]:  # fmt: skip
     """Register the jobs' fan-out groups, then run each job through Hydra's run_job in launch
     order (the first job of a group runs the whole group, benchmark.run)."""

@@ -45,6 +45,8 @@ BOOKKEEPING_NESTED = (("train", "checkpoint_every"), ("train", "log_every"), ("d
 # rule acts only through data.max_norm_multiple (benchmark/massive.py), which is hashed.
 DERIVED_NESTED = (("model", "massive_activations"),)
 HASH_CHARS = 16
+# The Hydra config groups whose chosen option each result records (`choices`).
+CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
@@ -69,18 +71,15 @@ def identity_dict(cfg: DictConfig) -> dict[str, Any]:
     return _plain(cfg)
 
 
-def digest(obj: Any) -> str:
-    """A short hash of a JSON-able object."""
-    return _digest(obj)
-
-
-def _digest(obj: Any) -> str:
+def digest(obj: Any, chars: int = HASH_CHARS) -> str:
+    """The first `chars` hex characters of the SHA-256 of obj as sorted-key JSON: config hashes
+    (HASH_CHARS) and the activation cache's keys (`benchmark.activations.keys`, 10)."""
     text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+    return hashlib.sha256(text.encode()).hexdigest()[:chars]
 
 
 def config_hash(cfg: DictConfig) -> str:
-    return _digest(identity_dict(cfg))
+    return digest(identity_dict(cfg))
 
 
 def curve_hash(cfg: DictConfig) -> str:
@@ -89,7 +88,7 @@ def curve_hash(cfg: DictConfig) -> str:
     OmegaConf.set_struct(blank, False)
     blank.seed = None
     blank.sparsity = {"mode": cfg.sparsity.mode, "target_l0": None, "coefficient": None}
-    return _digest(_plain(blank))
+    return digest(_plain(blank))
 
 
 def sparsity_label(cfg: DictConfig) -> str:
@@ -145,4 +144,4 @@ def group_key(cfg: DictConfig) -> str:
     train = plain.get("train") or {}
     plain["train"] = {k: train.get(k) for k in GROUP_TRAIN_KEYS}
     plain["cache_dir"] = str(cfg.get("cache_dir"))
-    return _digest(plain)
+    return digest(plain)

@@ -43,7 +43,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -55,7 +54,7 @@ from baselines.foreign import source_of, suite_node
 from benchmark import activations, cli_errors, data, fanout, identity, models
 from benchmark.errors import ConfigError
 from benchmark.evaluate import activation_metrics, evaluate_group
-from benchmark.fileio import DiskFullError, write_json_atomic
+from benchmark.fileio import DiskFullError, save_npy_atomic, write_json_atomic
 from benchmark.hub import check_sources
 from benchmark.metrics import METRICS_VERSION, definitions
 from benchmark.results import ResultRecord, git_commit, provenance, read_result, write_result
@@ -74,7 +73,6 @@ from benchmark.validate import check_run, dictionary_size, evaluate_only, site_w
 
 log = logging.getLogger("benchmark.run")
 CHECKPOINT = "checkpoint.pt"  # a run's training checkpoint, in its folder
-CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
 # Written (atomically) after the trained SAE and history.csv: the training is finished and a
 # re-run evaluates the saved SAE. Holds what the record needs from the training.
 TRAINED = "trained.json"
@@ -345,19 +343,21 @@ def _run_group(
     for m, plan in zip(members, plans, strict=True):
         eval_store = held_out[m.cfg.site.name]
         act_metrics, freq = activation_stage(m.cfg, plan.sae, eval_store, device)
-        np.save(m.out / "firing_frequency.npy", freq.numpy())
+        save_npy_atomic(m.out / "firing_frequency.npy", freq.numpy())
         act.append((eval_store, act_metrics))
     clock.lap("activation_metrics")
     max_norms = {h: held_out[m.cfg.site.name].max_norm for m, h in zip(members, hooks, strict=True)}
+    lm_windows: list[torch.Tensor] = []
     lm = evaluate_stage(lead.cfg, [(p.sae, h) for p, h in zip(plans, hooks, strict=True)],
-                        bridge, device, max_norms)  # fmt: skip
+                        bridge, device, max_norms, lm_windows)  # fmt: skip
     clock.lap("lm_eval")
     # "evaluate" is the two together (the key older records and scripts read).
     clock.laps["evaluate"] = clock.laps["activation_metrics"] + clock.laps["lm_eval"]
     records = []
-    for m, plan, t, hook, (eval_store, act_metrics), lm_metrics in zip(
-        members, plans, trained, hooks, act, lm, strict=True
+    for m, plan, t, hook, (eval_store, act_metrics), lm_metrics, windows in zip(
+        members, plans, trained, hooks, act, lm, lm_windows, strict=True
     ):
+        save_npy_atomic(m.out / "lm_windows.npy", windows.numpy())  # evaluate.WINDOW_COLUMNS
         record = build_record(m.cfg, plan, t, m.out, m.choices, hook, device,
                               {**act_metrics, **lm_metrics}, str(eval_store.key))  # fmt: skip
         record.norm_filter = norm_filter(m.cfg, t.store, eval_store)
@@ -524,19 +524,20 @@ def activation_stage(cfg: DictConfig, sae, store: Any, device: torch.device):
 
 
 def evaluate_stage(cfg: DictConfig, members, lm, device: torch.device,
-                   max_norms: dict[str, float | None] | None = None):  # fmt: skip
+                   max_norms: dict[str, float | None] | None = None,
+                   windows_out: list[torch.Tensor] | None = None):  # fmt: skip
     """The LM metrics of trained (scale-folded) SAEs, each (sae, hook) of `members`, on the LM
     set of the held-out split: one shared pass per batch up to the hooked layer
     (`evaluate_group`). max_norms: per hook, the held-out store's `max_norm` (positions with a
     larger activation norm keep their original activation). Returns one metrics dict per
-    member."""
+    member; windows_out receives each member's per-window CE sums (`evaluate_group`)."""
     tokens = data.eval_windows(cfg, lm.tokenizer).to(device)
     mask = data.non_special_mask(tokens, lm.tokenizer)
     return evaluate_group(
         lm, [(sae.eval(), hook) for sae, hook in members], tokens, mask,
         batch_size=int(cfg.eval.batch_size), cache_dir=cfg.cache_dir,
         model_key=activations.model_key(cfg), kl_div=bool(cfg.eval.kl_div),
-        progress=cfg.get("progress", True), max_norms=max_norms,
+        progress=cfg.get("progress", True), max_norms=max_norms, windows_out=windows_out,
     )  # fmt: skip
 
 
@@ -723,7 +724,7 @@ def main(cfg: DictConfig) -> float | None:
     is neither failed nor finished, and the same command resumes it."""
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
-    choices = {g: hc.runtime.choices.get(g) for g in CHOICE_GROUPS}
+    choices = {g: hc.runtime.choices.get(g) for g in identity.CHOICE_GROUPS}
     group = fanout.group_for(out)
     try:
         if group is not None:

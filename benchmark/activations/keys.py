@@ -11,28 +11,29 @@ Must not know how a cache is harvested, checked or read.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 
 from benchmark.data import Split, data_identity
 from benchmark.errors import ConfigError
+from benchmark.identity import digest
 from benchmark.models import resolve_device, resolve_dtype
 
 CACHE_FORMAT = 1  # bump when the on-disk layout or the harvest changes what is stored
 MANIFEST, HARVEST_PLAN, NORM_FILE = "manifest.json", "harvest.json", "norm.json"
+KEY_CHARS = 10  # hex characters of a cache key's hash
 STREAM_DEFAULTS = {"stream_buffer_tokens": 262_144, "stream_norm_tokens": 100_000}
 
 
 def cache_key(spec: dict) -> str:
     """Readable prefix + a hash of the whole spec: any change in it gives a new directory."""
-    digest = _digest(spec)
+    key_hash = digest(spec, KEY_CHARS)
     m, d = spec["model"], spec["data"]
     split = spec["split"] + ("-stream" if "stream" in spec else "")
     return (
         f"{m['name']}_L{spec['layer']}_{spec['site']['name']}_{d['name']}-{split}"
-        f"_T{d['context_length']}_N{spec['n_tokens']}_{m['dtype']}_{digest}"
+        f"_T{d['context_length']}_N{spec['n_tokens']}_{m['dtype']}_{key_hash}"
     )
 
 
@@ -46,7 +47,7 @@ def model_key(cfg: Any) -> str:
     architecture, BOS token, resolved dtype): the same model spec as the activation cache's
     key, used to key cached clean and zero-ablation losses."""
     dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.device))
-    return f"{cfg.model.name}-{_digest(_model_spec(cfg, dtype))}"
+    return f"{cfg.model.name}-{digest(_model_spec(cfg, dtype), KEY_CHARS)}"
 
 
 def _spec(cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: torch.dtype) -> dict:
@@ -59,12 +60,6 @@ def _spec(cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: t
         "split": split,
         "n_tokens": n_tokens,
     }
-
-
-def _digest(obj: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _budget(data_cfg: Any, split: str) -> int:

@@ -68,7 +68,7 @@ def load_results(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     root = Path(root)
     rows, problems = [], []
     for path in sorted(root.rglob("result.json")):
-        row, status, reason = read_result(path)
+        row, status, reason = read_record(path)
         if row is None or reason:
             problems.append({"run_dir": str(path.parent), "status": status, "reason": reason})
         if row is not None:
@@ -125,7 +125,7 @@ def _state(r: Any) -> str:
     return f"fvu {r.fvu:.3f}, frac_dead {r.frac_dead:.3f}"
 
 
-def read_result(path: Path) -> tuple[dict | None, str, str]:
+def read_record(path: Path) -> tuple[dict | None, str, str]:
     """(flat scalar fields or None when unusable, status, reason: empty when all is well)."""
     try:
         record = json.loads(path.read_text())
