@@ -144,6 +144,10 @@ def _ce_windows(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
     return torch.stack([losses.sum(dim=-1), pm.sum(dim=-1).double()], dim=-1)
 
 
+# Columns of a run's lm_windows.npy (`evaluate_group(windows_out=...)`), one row per LM window.
+WINDOW_COLUMNS = ("clean_ce_sum", "spliced_ce_sum", "n_scored")
+
+
 def ratio_se(d: Tensor, n: Tensor) -> float:
     """Standard error of the ratio sum(d) / sum(n) over W sampling units (the LM set's
     windows), linearised: sqrt(W / (W - 1) * sum_w (d_w - R n_w)^2) / sum(n), R = sum(d) /
@@ -319,6 +323,7 @@ def evaluate_group(
     kl_div: bool = True,
     progress: bool = False,
     max_norms: dict[str, float | None] | None = None,
+    windows_out: list[Tensor] | None = None,
 ) -> list[dict[str, float | None]]:
     """The paper's LM metrics for each (sae, hook) of `members` on `tokens` (N, T).
 
@@ -337,6 +342,10 @@ def evaluate_group(
     a position over it keeps its original activation in the SAE's and the zero-ablation
     splice, as a masked-out position does, and is left out of `splice_l0`; its cross-entropy
     is still scored. The zero-ablation cache key names the limit.
+    windows_out: if given, receives one (W, 3) float64 tensor per member, each LM window's
+    [clean CE sum, spliced CE sum, scored positions] (`WINDOW_COLUMNS`): what delta_lm_loss and
+    its SE are computed from, kept so that paired differences between SAEs can be computed
+    over the same windows (scripts/lm_set_size.py).
     """
     limits = {hook: (max_norms or {}).get(hook) for _, hook in members}
     start = min(hook_layer(hook) for _, hook in members)
@@ -419,6 +428,8 @@ def evaluate_group(
         z = zero_ce[hook]
         assert z is not None
         windows = torch.cat(spliced[j])  # (W, 2)
+        if windows_out is not None:
+            windows_out.append(torch.stack([clean_windows[:, 0], windows[:, 0], windows[:, 1]], 1))
         total = windows.sum(dim=0)
         spliced_ce = (total[0] / total[1]).item()
         assert stats[j]["n"] > 0, "no evaluation position passed the mask"

@@ -90,6 +90,18 @@ def _disk_full(e: BaseException, path: Path) -> BaseException:
     )
 
 
+def save_npy_atomic(path: str | Path, array: Any) -> Path:
+    """np.save(path, array), atomically (a file handle: np.save would append .npy to a temp
+    name); never pickled (allow_pickle=False), so the file is plain data."""
+    import numpy as np
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(array), allow_pickle=False)
+
+    return atomic_write(path, dump)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     def dump(tmp: str) -> None:
         with open(tmp, "w") as fh:

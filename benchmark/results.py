@@ -3,8 +3,10 @@
 Owns: the result record (`ResultRecord`, a typed object written as one flat JSON level with the
 metrics at the top), its provenance fields (git commit, time, package versions, device) and its
 on-disk form. A finished run's folder holds result.json, sae.safetensors + sae_config.yaml
-(normalisation folded in), firing_frequency.npy (on the held-out activation set), history.csv
-(the training trajectory) and config.yaml (the resolved config).
+(normalisation folded in), firing_frequency.npy (on the held-out activation set),
+lm_windows.npy (each LM window's clean and spliced CE sums and scored positions:
+`benchmark.evaluate.WINDOW_COLUMNS`), history.csv (the training trajectory) and config.yaml (the
+resolved config).
 Must not know how metrics are computed; it stores what it is given.
 """
 

@@ -12,7 +12,14 @@ from baselines.base import SAEOutput
 from benchmark import evaluate as ev
 from benchmark.activations import model_key
 from benchmark.data import non_special_mask, token_windows
-from benchmark.evaluate import SpliceStats, activation_metrics, evaluate_sae, next_token_losses
+from benchmark.evaluate import (
+    WINDOW_COLUMNS,
+    SpliceStats,
+    activation_metrics,
+    evaluate_group,
+    evaluate_sae,
+    next_token_losses,
+)
 from benchmark.metrics import CE_RECOVERED_MIN_GAP
 from tests.helpers import compose_config
 
@@ -162,11 +169,13 @@ def test_cached_losses_are_reused(bundled_model, eval_set, tmp_path, monkeypatch
 def test_delta_lm_loss_se_by_hand(bundled_model, eval_set):
     """delta_lm_loss_se: windows are the sampling units; checked against full passes computed
     here (clean, and with the mean spliced in at every counted position), in batches of 3
-    windows so that the per-window sums cross a batch boundary."""
+    windows so that the per-window sums cross a batch boundary; the per-window sums handed out
+    (windows_out, a run's lm_windows.npy) are the same by-hand sums."""
     tokens, mask, acts = eval_set
     mean = acts.mean(0).float()
-    m = evaluate_sae(bundled_model, Constant(mean), tokens, mask, HOOK, batch_size=3,
-                     kl_div=False)  # fmt: skip
+    windows: list[torch.Tensor] = []
+    (m,) = evaluate_group(bundled_model, [(Constant(mean), HOOK)], tokens, mask, batch_size=3,
+                          kl_div=False, windows_out=windows)  # fmt: skip
 
     def splice(act, hook):
         return torch.where(mask[..., None], mean.to(act.dtype), act)
@@ -183,6 +192,10 @@ def test_delta_lm_loss_se_by_hand(bundled_model, eval_set):
     assert m["delta_lm_loss"] == pytest.approx(r.item(), rel=1e-5)
     assert m["delta_lm_loss_se"] == pytest.approx(by_hand, rel=1e-4)
     assert m["delta_lm_loss_se"] > 0
+    by_window = torch.stack([(clean * scored).sum(-1), (spliced * scored).sum(-1), n], dim=1)
+    assert len(windows) == 1 and windows[0].shape == (4, len(WINDOW_COLUMNS))
+    torch.testing.assert_close(windows[0], by_window, rtol=1e-5, atol=1e-3)
+    assert torch.equal(windows[0][:, 2], n)  # scored positions: exact counts
 
 
 @pytest.mark.integration
