@@ -54,6 +54,9 @@ class SparseAutoencoder(nn.Module):
     #: the derivative (straight-through pseudo-derivatives, stop-gradients); "*" = all of them.
     #: Finite-difference tests check every other (term, parameter) pair.
     surrogate_gradients: dict[str, tuple[str, ...]] = {}
+    #: True when the architecture aims at the target L0 itself (a target-L0 penalty): the
+    #: trainer then leaves lambda uncalibrated.
+    aims_at_target_l0: bool = False
 
     def __init__(self, d_in: int, d_sae: int, coefficient: float = 0.0) -> None:
         super().__init__()
@@ -114,6 +117,26 @@ class SparseAutoencoder(nn.Module):
     ) -> dict[str, Tensor]:
         """The architecture's loss from the forward output: {"loss", "mse", ...named terms}."""
         raise NotImplementedError
+
+    # --- optional hooks (defaults: nothing) ------------------------------------------------
+    def init_b_pre(self, sample: Tensor) -> None:
+        """The trainer's first-batch hook: called once, with the first training batch (B, d_in),
+        before the first step (TopK: b_pre from its geometric median; JumpReLU: quantile
+        thresholds). Default: nothing."""
+
+    def set_density(self, x: Tensor, k: float) -> None:
+        """Put the code at ~k active latents per token of x, as after training, by the
+        architecture's own threshold or bias (`density_quantile`). The planner and
+        scripts/bench_train.py time steps there, since an untrained penalised SAE fires on
+        about half its latents. Default: nothing (a TopK is at k by construction)."""
+
+    @torch.no_grad()
+    def density_quantile(self, x: Tensor, k: float) -> float:
+        """The pre-activation value that k x B of x's pre-activations exceed (at least one,
+        at most all but one)."""
+        pre = self.pre_activations(x).flatten()
+        keep = max(1, min(pre.numel() - 1, int(k * x.shape[0])))
+        return float(pre.kthvalue(pre.numel() - keep).values)
 
     # --- decoder norms and other constraints around an optimiser step ------------------------
     @torch.no_grad()

@@ -78,6 +78,11 @@ class GatedSAE(SparseAutoencoder):
         """The gate pre-activations pi_gate, shape (B, d_sae)."""
         return (x - self.b_dec) @ self.W_enc + self.b_gate
 
+    @torch.no_grad()
+    def set_density(self, x: Tensor, k: float) -> None:
+        """The gate bias shifted so that ~k gates per token of x are open."""
+        self.b_gate.sub_(self.density_quantile(x, k))
+
     def active_code(self, pi_gate: Tensor) -> SparseCode | None:
         """The gate's support {pi_gate > 0} when the sparse path is taken, else None."""
         if self.sparse is False:

@@ -244,6 +244,12 @@ class JumpReLUSAE(SparseAutoencoder):
         return self.raw_threshold.exp() if self.threshold_param == "log" else self.raw_threshold
 
     @torch.no_grad()
+    def set_density(self, x: Tensor, k: float) -> None:
+        """Every threshold at the pre-activation quantile that leaves ~k latents per token."""
+        theta = max(self.density_quantile(x, k), self.min_threshold)
+        self.raw_threshold.fill_(math.log(theta) if self.threshold_param == "log" else theta)
+
+    @torch.no_grad()
     def init_b_pre(self, sample: Tensor) -> None:
         """The trainer's first-batch hook (there is no b_pre here): with threshold_init_mode
         "quantile", theta_i = the order statistic of pre_i on `sample` (B, d_in) described in

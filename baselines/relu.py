@@ -47,6 +47,11 @@ class ReLUSAE(SparseAutoencoder):
         """As the base class, with the bias added inside the matmul (one pass less)."""
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
 
+    @torch.no_grad()
+    def set_density(self, x: Tensor, k: float) -> None:
+        """The encoder bias shifted so that ~k latents per token of x are positive."""
+        self.b_enc.sub_(self.density_quantile(x, k))
+
     def active_code(self, pre: Tensor) -> SparseCode | None:
         """The pairs with pre > 0 when the sparse path is taken, else None."""
         if self.sparse is False:

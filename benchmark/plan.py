@@ -661,21 +661,6 @@ class SAETiming:
         return self.seconds_per_token * (d_in * d_sae) / (self.d_in * self.timed_width)
 
 
-def _match_thresholds(sae: Any, x: Any, k: float) -> None:
-    """JumpReLU: thresholds at the pre-activation quantile that gives L0 ~ k on x, as after
-    calibration (its initial thresholds fire on a large share of the latents)."""
-    import torch
-
-    if not hasattr(sae, "raw_threshold") or not hasattr(sae, "pre_activations"):
-        return
-    with torch.no_grad():
-        pre = sae.pre_activations(x).flatten()
-        keep = max(1, min(pre.numel() - 1, int(k * x.shape[0])))
-        theta = max(float(pre.kthvalue(pre.numel() - keep).values), 1e-6)
-        log = getattr(sae, "threshold_param", "direct") == "log"
-        sae.raw_threshold.fill_(math.log(theta) if log else theta)
-
-
 def time_sae(job: Job, device: Any, fp32_flops: float) -> SAETiming:
     """Seconds per training token of job's SAE on `device`: the real trainer on synthetic
     activations (E||x||^2 = 1) at the job's shapes, one warm-up step then ~TIMED_SECONDS of
@@ -703,7 +688,7 @@ def time_sae(job: Job, device: Any, fp32_flops: float) -> SAETiming:
     torch.manual_seed(0)
     x = torch.randn(timed_batch, d_in, device=device) / math.sqrt(d_in)
     sae = build_sae(cfg.sae, d_in, width).to(device)
-    _match_thresholds(sae, x, k)
+    sae.set_density(x, k)  # a trained code density (penalised architectures start dense)
     marks: list[float] = []
 
     def batches(skip: int) -> Iterator[Any]:  # the trainer takes a batch right before a step

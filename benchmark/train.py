@@ -10,8 +10,8 @@ NaN guard (loss, gradients, parameters) and progress/logging, including the trai
 
 Must not know: the model, the data source, Hydra or any architecture by name. It is fed a
 factory of iterators over normalised activation batches and asks the SAE only for its
-interface (`loss`, `forward`, `uses_dead_mask`, the optimiser-step hooks, and an optional
-`init_b_pre(sample)`).
+interface (`loss`, `forward`, `uses_dead_mask`, `aims_at_target_l0`, the optimiser-step hooks
+and the first-batch hook `init_b_pre(sample)`: `baselines.base.SparseAutoencoder`).
 
 Sparsity modes (recorded in the result):
 - "coefficient": fixed lambda with a linear warm-up 0 -> lambda over coefficient_warmup_steps.
@@ -464,7 +464,7 @@ class Trainer:
             self.state.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long,
                                                         device=self.device)  # fmt: skip
         # An architecture that aims at the target itself (a target-L0 penalty) is not calibrated.
-        aims = getattr(sae, "aims_at_target_l0", False)
+        aims = sae.aims_at_target_l0
         calibrate = sparsity.mode == "target_l0" and self.state.coefficient > 0 and not aims
         self.calibration_steps = int(cfg.calibration_frac * cfg.total_steps) if calibrate else 0
         self.params = list(sae.named_parameters())
@@ -482,9 +482,8 @@ class Trainer:
         sae, cfg, state, opt, ckpt = self.sae, self.cfg, self.state, self.opt, self.ckpt
         step = state.step
         x = x.to(self.device, non_blocking=True)
-        init_b_pre = getattr(sae, "init_b_pre", None)  # optional architecture hook (TopK)
-        if step == 0 and callable(init_b_pre):
-            init_b_pre(x)
+        if step == 0:
+            sae.init_b_pre(x)  # the architecture's first-batch hook (a no-op by default)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_multiplier(step, cfg) * group["lr_scale"]
         since = state.tokens_since_fired

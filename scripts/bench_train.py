@@ -10,9 +10,9 @@ bound*: the time of the six dense products of one SAE step at the same shapes (x
 f @ W_dec and the four backward matmuls), measured in the same run right before each
 architecture, so that both sides of a ratio see the same machine load. A ratio above 1 means
 the step costs less than its six dense products (a sparse step); a dense architecture cannot
-reach 1. JumpReLU, ReLU and Gated start at the matched L0 (threshold or encoder/gate bias set so
-that L0 ~ k on the data, as after training; `matched_density`): at their initial values they
-fire on ~40-50% of the latents of this data, the regime of a run's first steps only.
+reach 1. JumpReLU, ReLU and Gated start at the matched L0 (their `set_density`: the threshold or
+the encoder / gate bias that gives L0 ~ k on the data, as after training): at their initial
+values they fire on ~40-50% of the latents of this data, the regime of a run's first steps only.
 
 --crossover compares the sparse and the dense path of TopK, JumpReLU and Gated at several densities
 on this device (the measurement behind baselines/sparse.py's MAX_SPARSE_DENSITY).
@@ -90,32 +90,11 @@ def dense_bound(
     return six
 
 
-# The bias (or threshold) that sets each penalised architecture's code density; TopK-like
-# architectures are at k by construction.
-DENSITY_KNOB = {"jumprelu": "raw_threshold", "relu": "b_enc", "gated": "b_gate"}
-
-
-def matched_density(sae: SparseAutoencoder, name: str, x: torch.Tensor, k: int) -> None:
-    """Start at a trained code density: L0 ~ k on x, as after training. JumpReLU: every
-    threshold at the pre-activation quantile that leaves k * B pairs above it; ReLU and Gated:
-    the encoder (gate) bias shifted down by that quantile, so that the same pairs are open. At
-    zero biases ~half of the latents fire on this data, which is the dense path's regime."""
-    with torch.no_grad():
-        pre = sae.pre_activations(x).flatten()
-        theta = float(pre.kthvalue(pre.numel() - k * x.shape[0]).values)
-        knob = getattr(sae, DENSITY_KNOB[name])
-        if name == "jumprelu":
-            knob.fill_(theta)
-        else:
-            knob.sub_(theta)
-
-
 def build(name: str, node: dict, a: argparse.Namespace, x: torch.Tensor, sparse: object):
     torch.manual_seed(0)
     node = {**node, "sparse": sparse}
     sae = build_sae(node, a.d_in, a.width).to(x.device)
-    if name in DENSITY_KNOB:
-        matched_density(sae, name, x, a.k)
+    sae.set_density(x, a.k)  # L0 ~ k, as after training (TopK-like: already at k)
     return sae
 
 

@@ -16,6 +16,7 @@ from hydra.utils import get_object
 from omegaconf import OmegaConf
 from torch.func import functional_call
 
+from baselines.base import SparseAutoencoder
 from baselines.foreign import suite_node
 from baselines.gated import GatedSAE
 from baselines.jumprelu import JumpReLUSAE
@@ -61,6 +62,24 @@ def test_forward_shapes_and_loss_terms(name):
     terms = sae.loss(x)
     assert {"loss", "mse"} <= set(terms) and all(t.ndim == 0 for t in terms.values())
     torch.testing.assert_close(terms["mse"], ((x - out.x_hat) ** 2).sum(-1).mean())
+
+
+@pytest.mark.parametrize("name", SAE_NAMES)
+def test_set_density_puts_the_code_at_k(name):
+    """`set_density(x, k)`: the architecture's own threshold or bias leaves k x B of x's
+    pre-activations above it (the planner and bench time steps there); a TopK-like
+    architecture is at its k by construction and keeps the default, which changes nothing."""
+    torch.manual_seed(0)
+    sae = sae_from_conf(name, D_IN, D_SAE)
+    x = _data()
+    before = (sae.encode(x) > 0).sum(-1).float().mean().item()
+    sae.set_density(x, 3)
+    l0 = (sae.encode(x) > 0).sum(-1).float().mean().item()
+    if type(sae).set_density is SparseAutoencoder.set_density:
+        assert l0 == before
+    else:
+        assert l0 == pytest.approx(3, abs=1 / 64)  # 3 x 64 pairs above the quantile
+        assert before > 6  # untrained, a penalised SAE fires on far more
 
 
 @pytest.mark.parametrize("name", SAE_NAMES)

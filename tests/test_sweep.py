@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -89,8 +90,12 @@ def test_every_job_writes_a_complete_result_with_the_schema(sweep):
         assert r["metrics_version"] and r["metric_definitions"]["fvu"]
         assert r["sae"] in ("shifted_relu", "topk") and r["layer"] == 2
         for f in ("sae.safetensors", "sae_config.yaml", "config.yaml", "firing_frequency.npy",
-                  "history.csv"):  # fmt: skip
+                  "history.csv", "lm_windows.npy"):  # fmt: skip
             assert (path.parent / f).exists(), f
+        # The LM windows' sums are what delta LM loss was computed from.
+        w = np.load(path.parent / "lm_windows.npy", allow_pickle=False)
+        assert w.shape == (r["n_lm_windows"], 3) and w[:, 2].sum() == r["n_lm_tokens"]
+        assert (w[:, 1] - w[:, 0]).sum() / w[:, 2].sum() == pytest.approx(r["delta_lm_loss"])
         # The folder is the config: readable choices, then the config hash.
         assert path.parent.name == r["run_id"] and r["run_id"].endswith(r["config_hash"][:8])
         # The smoke preset's held-out set is 2048 positions; at residual layer 2 the bundled
