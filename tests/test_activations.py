@@ -28,6 +28,9 @@ from benchmark.activations import (
     get_activation_stores,
     harvest,
 )
+from benchmark.activations import keys as act_keys
+from benchmark.activations import locking as act_locking
+from benchmark.activations import stores as act_stores
 from benchmark.data import non_special_mask, token_windows
 from benchmark.errors import ActivationError, ConfigError
 from tests.conftest import REPO, compose_config
@@ -146,7 +149,7 @@ def test_batches(three_sites):
 
 def test_changed_key_gives_a_new_cache(three_sites, bundled_model, monkeypatch):
     cfg, stores, _ = three_sites
-    base = activations._spec(cfg, 2, cfg.site, "train", 2000, torch.float32)
+    base = act_keys.key_spec(cfg, 2, cfg.site, "train", 2000, torch.float32)
     assert cache_key(base) == stores["residual"].key
     changes = [
         ("layer", 3),
@@ -164,7 +167,7 @@ def test_changed_key_gives_a_new_cache(three_sites, bundled_model, monkeypatch):
         *("data.harvest.batch_size=8", "data.n_eval_tokens=7", "data.stream=true"),
         *("data.stream_buffer_tokens=7", "data.stream_norm_tokens=7"),
     )
-    same = activations._spec(budget_only, 2, cfg.site, "train", 2000, torch.float32)
+    same = act_keys.key_spec(budget_only, 2, cfg.site, "train", 2000, torch.float32)
     assert cache_key(same) == cache_key(base)  # harvest settings and other budgets: same cache
     fewer = get_activation_store(bundled_model, tiny(cfg.cache_dir, "data.n_train_tokens=1500"))
     assert not fewer.from_cache and fewer.path != stores["residual"].path
@@ -174,15 +177,15 @@ def test_changed_key_gives_a_new_cache(three_sites, bundled_model, monkeypatch):
 
 def test_killed_harvest_resumes(three_sites, bundled_model, tmp_path, monkeypatch, caplog):
     written = []
-    write = harvest._write_shard
+    write = harvest.write_shard
 
     def dies_after_two(path, k, x):
         if len(written) == 2:
             raise KeyboardInterrupt("killed")
         write(path, k, x)
-        written.append(path / activations._shard_name(k))
+        written.append(path / act_keys.shard_name(k))
 
-    monkeypatch.setattr(harvest, "_write_shard", dies_after_two)
+    monkeypatch.setattr(harvest, "write_shard", dies_after_two)
     cfg = tiny(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         get_activation_store(bundled_model, cfg)
@@ -190,7 +193,7 @@ def test_killed_harvest_resumes(three_sites, bundled_model, tmp_path, monkeypatc
     key_dir = written[0].parent
     assert not (key_dir / "manifest.json").exists()
     assert sorted(p.name for p in key_dir.glob("*.npy")) == ["shard_00000.npy", "shard_00001.npy"]
-    monkeypatch.setattr(harvest, "_write_shard", write)
+    monkeypatch.setattr(harvest, "write_shard", write)
     with caplog.at_level(logging.INFO, logger="benchmark.activations"):
         store = get_activation_store(bundled_model, cfg)
     assert "resuming after 2 completed shards" in caplog.text
@@ -287,9 +290,9 @@ def test_nan_names_shard_and_position(bundled_model, tmp_path):
 
 def test_bfloat16_storage_round_trip():
     x = torch.randn(5, 3).to(torch.bfloat16)
-    stored = activations._to_numpy(x)
+    stored = act_stores.rows_to_numpy(x)
     assert stored.dtype == np.int16
-    assert torch.equal(activations._to_float32(stored, "bfloat16"), x.float())
+    assert torch.equal(act_stores.rows_to_float32(stored, "bfloat16"), x.float())
 
 
 # ---- streaming ----
@@ -339,7 +342,7 @@ def test_stream_norm_scale_is_cached(stream, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("norm_scale estimated again")
 
-    monkeypatch.setattr(activations, "_estimate_norm", refuse)
+    monkeypatch.setattr(activations, "estimate_norm", refuse)
     monkeypatch.setattr(harvest, "load_model", refuse_to_load)
     again = get_activation_store(None, cfg)  # a hit: no estimate, no model until a batch
     assert again.norm_scale == store.norm_scale and again.key == store.key
@@ -470,10 +473,10 @@ def test_damaged_cache_is_discarded(fault, pristine, tmp_path, caplog):
     folder, _ = copy_cache(pristine, tmp_path)
     damage, expected = FAULTS[fault]
     damage(folder)
-    assert not activations._usable(folder)  # outside the lock: noticed, nothing changed
+    assert not act_locking.cache_usable(folder)  # outside the lock: noticed, nothing changed
     assert folder.is_dir() and not caplog.records
     with caplog.at_level(logging.WARNING, logger="benchmark.activations"):
-        assert not activations._usable(folder, repair=True)  # under the lock: discarded
+        assert not act_locking.cache_usable(folder, repair=True)  # under the lock: discarded
     one_warning(caplog, expected, folder)
     assert list(folder.parent.iterdir()) == []
 
@@ -489,7 +492,7 @@ def test_old_manifest_is_upgraded(pristine, tmp_path, monkeypatch, caplog):
     assert store.from_cache and torch.equal(all_rows(store), rows)
     sealed = json.loads((pristine[0] / "activations" / pristine[1] / "manifest.json").read_text())
     assert json.loads((folder / "manifest.json").read_text())["shards"] == sealed["shards"]
-    assert activations._damage(folder) is None
+    assert act_locking.cache_damage(folder) is None
 
 
 def test_checksums_once_per_process(pristine, tmp_path, monkeypatch):
@@ -505,7 +508,7 @@ def test_checksums_once_per_process(pristine, tmp_path, monkeypatch):
     assert len(hashed) == 4  # not hashed again
     # A change of size is still noticed (a stat per shard on every read).
     truncate(folder / "shard_00000.npy", 500)
-    assert activations._damage(folder) == (
+    assert act_locking.cache_damage(folder) == (
         f"{folder / 'shard_00000.npy'} has 500 bytes, "
         f"{json.loads((folder / 'manifest.json').read_text())['shards'][0]['bytes']} "
         "recorded (truncated or rewritten)"
@@ -518,7 +521,7 @@ def test_content_checks_can_be_skipped(pristine, tmp_path, monkeypatch):
     monkeypatch.setenv(integrity.VERIFY_ENV, "size")
     monkeypatch.setattr(integrity, "checksum", refuse_to_load)
     flip(folder / "shard_00001.npy", 50_000)
-    assert activations._damage(folder) is None
+    assert act_locking.cache_damage(folder) is None
 
 
 def test_resume_redoes_a_truncated_shard(pristine, tmp_path):
@@ -528,8 +531,8 @@ def test_resume_redoes_a_truncated_shard(pristine, tmp_path):
     (folder / "manifest.json").unlink()
     truncate(folder / "shard_00002.npy", 1000)
     plan = json.loads((folder / "harvest.json").read_text())
-    target = activations._Target("residual", "unused", folder, {})
-    assert activations._resume(target, plan) == 2
+    target = act_keys.HarvestTarget("residual", "unused", folder, {})
+    assert harvest.resume_point(target, plan) == 2
     assert sorted(p.name for p in folder.glob("*.npy")) == ["shard_00000.npy", "shard_00001.npy"]
 
 
@@ -541,9 +544,9 @@ def test_harvest_progress_can_be_turned_off(monkeypatch, tmp_path):
         shown.append(show)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(activations, "_harvest", fake_harvest)
-    monkeypatch.setattr(activations, "_bridge", lambda *a: None)
-    monkeypatch.setattr(activations, "_windows", lambda *a: None)
+    monkeypatch.setattr(activations, "harvest_sites", fake_harvest)
+    monkeypatch.setattr(activations, "load_bridge", lambda *a: None)
+    monkeypatch.setattr(activations, "split_windows", lambda *a: None)
     monkeypatch.setattr(activations, "hook_name", lambda *a: "blocks.2.hook_resid_post")
     for flag in ("true", "false"):
         with pytest.raises(KeyboardInterrupt):

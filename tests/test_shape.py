@@ -20,22 +20,9 @@ KNOWN = {  # sizes and line numbers move: a module or function is known by its n
     "function benchmark/activations/stores.py batches() at line",
     "function benchmark/evaluate.py evaluate_group() at line",
     "function benchmark/plan.py build_plan() at line", "function benchmark/plan.py render() at line",
-    "private import benchmark/activations/__init__.py: _bridge, _harvest, _resume, _Target, _windows, _write_shard from benchmark.activations.harvest",
-    "private import benchmark/activations/__init__.py: _budget, _positive, _shard_name, _spec from benchmark.activations.keys",
-    "private import benchmark/activations/__init__.py: _damage, _locked, _norm_usable, _usable from benchmark.activations.locking",
-    "private import benchmark/activations/__init__.py: _estimate_norm from benchmark.activations.manifest",
-    "private import benchmark/activations/__init__.py: _to_float32, _to_numpy from benchmark.activations.stores",
-    "private import benchmark/activations/harvest.py: _shard_name from benchmark.activations.keys",
-    "private import benchmark/activations/harvest.py: _write_manifest from benchmark.activations.manifest",
-    "private import benchmark/activations/harvest.py: _check_context, _check_finite, _to_numpy from benchmark.activations.stores",
-    "private import benchmark/activations/locking.py: _shard_ok from benchmark.activations.harvest",
-    "private import benchmark/activations/manifest.py: _shard_name from benchmark.activations.keys",
-    "private import benchmark/activations/manifest.py: _stream_rows, _to_float32 from benchmark.activations.stores",
-    "private import benchmark/activations/manifest.py: _Target from benchmark.activations.harvest",
     "import cycle",
 }  # fmt: skip
 CYCLES = {
-    "import cycle: benchmark.activations.harvest <-> benchmark.activations.manifest",
     "import cycle: benchmark.fanout <-> benchmark.run",
 }
 

@@ -80,12 +80,9 @@ from typing import Any
 
 from benchmark.activations.harvest import (
     ModelArg,
-    _bridge,
-    _harvest,
-    _resume,
-    _Target,
-    _windows,
-    _write_shard,
+    harvest_sites,
+    load_bridge,
+    split_windows,
 )
 from benchmark.activations.keys import (
     CACHE_FORMAT,
@@ -93,28 +90,26 @@ from benchmark.activations.keys import (
     MANIFEST,
     NORM_FILE,
     STREAM_DEFAULTS,
-    _budget,
-    _positive,
-    _shard_name,
-    _spec,
+    HarvestTarget,
     cache_key,
+    key_spec,
     model_key,
+    positive_int,
+    token_budget,
 )
-from benchmark.activations.locking import _damage, _locked, _norm_usable, _usable
-from benchmark.activations.manifest import OUTLIER_FACTOR, _estimate_norm
+from benchmark.activations.locking import cache_usable, key_locks, norm_file_usable
+from benchmark.activations.manifest import OUTLIER_FACTOR, estimate_norm
 from benchmark.activations.stores import (
     ActivationStore,
     Store,
     StreamingStore,
-    _to_float32,
-    _to_numpy,
     read_sites,
 )
 from benchmark.data import Split
 from benchmark.fileio import sweep_stale
 from benchmark.models import hook_name, resolve_device, resolve_dtype
 
-__all__ = [  # the API, and the private names the tests reach
+__all__ = [  # the API; the parts are public in their own modules (keys, locking, harvest, ...)
     "CACHE_FORMAT",
     "HARVEST_PLAN",
     "MANIFEST",
@@ -125,15 +120,6 @@ __all__ = [  # the API, and the private names the tests reach
     "ModelArg",
     "Store",
     "StreamingStore",
-    "_damage",
-    "_resume",
-    "_shard_name",
-    "_spec",
-    "_Target",
-    "_to_float32",
-    "_to_numpy",
-    "_usable",
-    "_write_shard",
     "cache_key",
     "get_activation_store",
     "get_activation_stores",
@@ -171,26 +157,28 @@ def get_activation_stores(
     hooks = {s.name: hook_name(cfg.model, layer, s) for s in site_cfgs}  # config errors first
     if split == "train" and cfg.data.get("stream", False):
         return {s.name: _streaming_store(model, cfg, s) for s in site_cfgs}
-    n_tokens = _budget(cfg.data, split) if n_tokens is None else n_tokens
+    n_tokens = token_budget(cfg.data, split) if n_tokens is None else n_tokens
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     root = Path(cfg.cache_dir) / "activations"
-    specs = {s.name: _spec(cfg, layer, s, split, n_tokens, dtype) for s in site_cfgs}
+    specs = {s.name: key_spec(cfg, layer, s, split, n_tokens, dtype) for s in site_cfgs}
     dirs = {name: root / cache_key(spec) for name, spec in specs.items()}
     harvested: set[str] = set()
-    if not all(_usable(d) for d in dirs.values()):
+    if not all(cache_usable(d) for d in dirs.values()):
         root.mkdir(parents=True, exist_ok=True)
         sweep_stale(root)  # broken caches whose deletion was cut short
-        with _locked(dirs.values()):
-            todo = [name for name, d in dirs.items() if not _usable(d, repair=True)]
+        with key_locks(dirs.values()):
+            todo = [name for name, d in dirs.items() if not cache_usable(d, repair=True)]
             if todo:
-                bridge = _bridge(model, cfg, device, dtype)
+                bridge = load_bridge(model, cfg, device, dtype)
                 hooks = {s.name: hook_name(cfg.model, layer, s, bridge) for s in site_cfgs}
                 fewer = bool(cfg.data.get("allow_fewer_tokens", False))
-                windows = _windows(cfg.data, bridge, split, n_tokens, fewer)
-                targets = [_Target(n, hooks[n], dirs[n], specs[n]) for n in todo]
+                windows = split_windows(cfg.data, bridge, split, n_tokens, fewer)
+                targets = [HarvestTarget(n, hooks[n], dirs[n], specs[n]) for n in todo]
                 opts = cfg.data.get("harvest") or {}
-                _harvest(bridge, windows, layer, targets, opts, bool(cfg.get("progress", True)))
+                harvest_sites(
+                    bridge, windows, layer, targets, opts, bool(cfg.get("progress", True))
+                )
                 harvested.update(todo)
     return {name: ActivationStore(d, from_cache=name not in harvested) for name, d in dirs.items()}
 
@@ -202,16 +190,16 @@ def _streaming_store(model: ModelArg, cfg: Any, site: Any) -> StreamingStore:
     """A StreamingStore for `site`; its norm_scale is estimated on a miss (one process per key
     at a time, the others wait and read it) and read from norm.json on a hit."""
     layer = cfg.layer.index
-    n_norm = _positive(cfg.data, "stream_norm_tokens")
-    buffer_rows = _positive(cfg.data, "stream_buffer_tokens")
+    n_norm = positive_int(cfg.data, "stream_norm_tokens")
+    buffer_rows = positive_int(cfg.data, "stream_buffer_tokens")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    spec = {**_spec(cfg, layer, site, "train", n_norm, dtype), "stream": "norm_scale"}
+    spec = {**key_spec(cfg, layer, site, "train", n_norm, dtype), "stream": "norm_scale"}
     path = Path(cfg.cache_dir) / "activations" / cache_key(spec)
-    bridge = functools.cache(lambda: _bridge(model, cfg, device, dtype))  # loaded at most once
-    if not _norm_usable(path):
+    bridge = functools.cache(lambda: load_bridge(model, cfg, device, dtype))  # loaded at most once
+    if not norm_file_usable(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked([path]):
-            if not _norm_usable(path, repair=True):
-                _estimate_norm(bridge(), cfg, site, spec, path, bool(cfg.get("progress", True)))
+        with key_locks([path]):
+            if not norm_file_usable(path, repair=True):
+                estimate_norm(bridge(), cfg, site, spec, path, bool(cfg.get("progress", True)))
     return StreamingStore(path, bridge, cfg.data, layer, buffer_rows)

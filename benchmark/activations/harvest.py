@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmark.activations.keys import HARVEST_PLAN, _shard_name
-from benchmark.activations.manifest import _write_manifest
-from benchmark.activations.stores import _check_context, _check_finite, _to_numpy, read_sites
+from benchmark.activations.keys import HARVEST_PLAN, HarvestTarget, shard_name
+from benchmark.activations.manifest import write_manifest
+from benchmark.activations.stores import check_context, check_finite, read_sites, rows_to_numpy
 from benchmark.data import Split, non_special_mask, token_windows
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write, write_json_atomic
@@ -36,7 +36,7 @@ log = logging.getLogger("benchmark.activations")
 ModelArg = Any  # TransformerBridge | Callable[[], TransformerBridge] | None
 
 
-def _bridge(model: ModelArg, cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
+def load_bridge(model: ModelArg, cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """The model to harvest with: given, built by a callable, or loaded from cfg.model."""
     bridge: Any
     if model is None:
@@ -56,26 +56,21 @@ def _bridge(model: ModelArg, cfg: Any, device: torch.device, dtype: torch.dtype)
     return bridge
 
 
-def _windows(data_cfg: Any, bridge: Any, split: Split, n_tokens: int, fewer: bool) -> torch.Tensor:
-    _check_context(data_cfg, bridge)
+def split_windows(
+    data_cfg: Any, bridge: Any, split: Split, n_tokens: int, fewer: bool
+) -> torch.Tensor:
+    check_context(data_cfg, bridge)
     return token_windows(data_cfg, bridge.tokenizer, split, n_tokens, allow_fewer=fewer)
 
 
 # ---- harvest ----
 
 
-class _Target:
-    """One site being harvested: its hook, cache directory and key spec."""
-
-    def __init__(self, name: str, hook: str, path: Path, spec: dict):
-        self.name, self.hook, self.path, self.spec = name, hook, path, spec
-
-
-def _harvest(
+def harvest_sites(
     bridge: Any,
     windows: torch.Tensor,
     layer: int,
-    targets: list[_Target],
+    targets: list[HarvestTarget],
     opts: Any,
     show: bool = True,
 ) -> None:
@@ -87,7 +82,7 @@ def _harvest(
     W = _windows_per_shard(bridge, windows.shape[1], batch, float(opts.get("shard_mb", 32)))
     keep = _rows_per_shard(mask, W, n_tokens=targets[0].spec["n_tokens"])
     plan = {"windows_per_shard": W, "rows_per_shard": keep}
-    done = {t.name: _resume(t, plan) for t in targets}
+    done = {t.name: resume_point(t, plan) for t in targets}
     device = torch.device(bridge.cfg.device)
     start = min(done.values())
     desc = f"harvest layer {layer}"
@@ -108,14 +103,14 @@ def _harvest(
             shown += n
         for t in need:
             shard = torch.cat(rows[t.name])[: keep[k]]  # (rows, d_in)
-            where = f"site {t.name} ({t.hook}), shard {k} ({t.path / _shard_name(k)})"
-            _check_finite(shard, mask[first:last], first, where, "harvest")
-            _write_shard(t.path, k, shard)
+            where = f"site {t.name} ({t.hook}), shard {k} ({t.path / shard_name(k)})"
+            check_finite(shard, mask[first:last], first, where, "harvest")
+            write_shard(t.path, k, shard)
         bar.set_postfix(shard=f"{k + 1}/{len(keep)}")
         log.debug("harvest layer %d: shard %d/%d", layer, k + 1, len(keep))
     bar.close()
     for t in targets:
-        _write_manifest(t, keep, time.perf_counter() - started)
+        write_manifest(t, keep, time.perf_counter() - started)
 
 
 def _windows_per_shard(bridge: Any, T: int, batch: int, shard_mb: float) -> int:
@@ -138,7 +133,7 @@ def _rows_per_shard(mask: torch.Tensor, W: int, n_tokens: int) -> list[int]:
     return keep
 
 
-def _resume(t: _Target, plan: dict) -> int:
+def resume_point(t: HarvestTarget, plan: dict) -> int:
     """Completed leading shards from an earlier, interrupted harvest of the same plan (a shard
     that does not load with its planned row count, and every shard after it, is redone)."""
     plan_file = t.path / HARVEST_PLAN
@@ -153,7 +148,7 @@ def _resume(t: _Target, plan: dict) -> int:
     write_json_atomic(plan_file, plan)
     k = 0
     planned = plan["rows_per_shard"]
-    while k < len(planned) and _shard_ok(t.path / _shard_name(k), planned[k]):
+    while k < len(planned) and shard_ok(t.path / shard_name(k), planned[k]):
         k += 1
     for stale in sorted(t.path.glob("shard_*.npy"))[k:]:
         stale.unlink()
@@ -162,7 +157,7 @@ def _resume(t: _Target, plan: dict) -> int:
     return k
 
 
-def _shard_ok(path: Path, rows: int) -> bool:
+def shard_ok(path: Path, rows: int) -> bool:
     """The shard exists, and its npy header and file size agree with `rows` (cheap)."""
     try:
         return len(np.load(path, mmap_mode="r")) == rows
@@ -170,9 +165,9 @@ def _shard_ok(path: Path, rows: int) -> bool:
         return False
 
 
-def _write_shard(path: Path, k: int, x: torch.Tensor) -> None:
+def write_shard(path: Path, k: int, x: torch.Tensor) -> None:
     def save(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
-            np.save(f, _to_numpy(x))
+            np.save(f, rows_to_numpy(x))
 
-    atomic_write(path / _shard_name(k), save)
+    atomic_write(path / shard_name(k), save)

@@ -11,6 +11,7 @@ Must not know how a cache is harvested, checked or read.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +51,9 @@ def model_key(cfg: Any) -> str:
     return f"{cfg.model.name}-{digest(_model_spec(cfg, dtype), KEY_CHARS)}"
 
 
-def _spec(cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: torch.dtype) -> dict:
+def key_spec(
+    cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: torch.dtype
+) -> dict:
     return {
         "format": CACHE_FORMAT,
         "model": _model_spec(cfg, dtype),
@@ -62,13 +65,13 @@ def _spec(cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: t
     }
 
 
-def _budget(data_cfg: Any, split: str) -> int:
+def token_budget(data_cfg: Any, split: str) -> int:
     if split not in ("train", "eval"):
         raise ConfigError(f"split={split!r} is not one of train, eval")
-    return _positive(data_cfg, f"n_{split}_tokens")
+    return positive_int(data_cfg, f"n_{split}_tokens")
 
 
-def _positive(data_cfg: Any, key: str) -> int:
+def positive_int(data_cfg: Any, key: str) -> int:
     """data.<key> (default: STREAM_DEFAULTS), checked to be a positive integer."""
     n = data_cfg.get(key, STREAM_DEFAULTS.get(key))
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
@@ -76,5 +79,12 @@ def _positive(data_cfg: Any, key: str) -> int:
     return n
 
 
-def _shard_name(k: int) -> str:
+def shard_name(k: int) -> str:
     return f"shard_{k:05d}.npy"
+
+
+class HarvestTarget:
+    """One site being harvested: its hook, cache directory and key spec."""
+
+    def __init__(self, name: str, hook: str, path: Path, spec: dict):
+        self.name, self.hook, self.path, self.spec = name, hook, path, spec

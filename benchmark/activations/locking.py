@@ -6,7 +6,7 @@ Owns the file lock per key (taken in sorted order: two processes never deadlock)
 discarding a damaged cache or norm.json so that it is made again. The design is in the package
 docstring (benchmark/activations/__init__.py).
 
-Must not know how a cache is harvested (beyond `_shard_ok`: does a shard hold its rows) or read.
+Must not know how a cache is harvested (beyond `shard_ok`: does a shard hold its rows) or read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from benchmark import integrity
-from benchmark.activations.harvest import _shard_ok
+from benchmark.activations.harvest import shard_ok
 from benchmark.activations.keys import MANIFEST, NORM_FILE
 from benchmark.fileio import write_json_atomic
 
@@ -29,7 +29,7 @@ log = logging.getLogger("benchmark.activations")
 
 
 @contextmanager
-def _locked(paths: Any) -> Iterator[None]:
+def key_locks(paths: Any) -> Iterator[None]:
     """One file lock per key, taken in sorted order (two processes never deadlock)."""
     with ExitStack() as stack:
         for path in sorted(paths):
@@ -47,13 +47,13 @@ def _complete(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def _usable(path: Path, repair: bool = False) -> bool:
+def cache_usable(path: Path, repair: bool = False) -> bool:
     """A complete and intact cache (see "Integrity" in the module docstring). With `repair`
     (under the key's lock) an old manifest is upgraded where it can be, and a damaged cache is
     reported in one warning and discarded, so that it is harvested again."""
     if not _complete(path):
         return False
-    problem = _damage(path)
+    problem = cache_damage(path)
     if problem is None:
         return True
     if repair:
@@ -82,7 +82,7 @@ def _upgrade(path: Path, problem: str) -> str | None:
     except (KeyError, TypeError, ValueError):
         return problem
     for name, rows in shards:
-        if not _shard_ok(path / name, rows):
+        if not shard_ok(path / name, rows):
             return f"{path / name} does not hold its {rows} rows (old manifest)"
     names = [s["file"] for s in manifest["shards"]]
     files = integrity.file_records(path, names)
@@ -98,7 +98,7 @@ def _upgrade(path: Path, problem: str) -> str | None:
     return None
 
 
-def _damage(path: Path) -> str | None:
+def cache_damage(path: Path) -> str | None:
     """None when the cache at `path` is intact, else what is wrong (naming the file)."""
     manifest = path / MANIFEST
     try:
@@ -109,7 +109,7 @@ def _damage(path: Path) -> str | None:
     return integrity.damage(path, records, manifest)
 
 
-def _norm_usable(path: Path, repair: bool = False) -> bool:
+def norm_file_usable(path: Path, repair: bool = False) -> bool:
     """norm.json exists and is intact; with `repair` (under the lock) a damaged one is
     reported in one warning and removed, so that it is estimated again (one from before the
     integrity checks is sealed as it is, with a warning)."""

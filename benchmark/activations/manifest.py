@@ -16,27 +16,24 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from benchmark import integrity
-from benchmark.activations.keys import MANIFEST, NORM_FILE, _shard_name
-from benchmark.activations.stores import _stream_rows, _to_float32
+from benchmark.activations.keys import MANIFEST, NORM_FILE, HarvestTarget, shard_name
+from benchmark.activations.stores import rows_to_float32, stream_site_rows
 from benchmark.fileio import write_json_atomic
 from benchmark.models import hook_name
 from benchmark.progress import progress
-
-if TYPE_CHECKING:
-    from benchmark.activations.harvest import _Target
 
 log = logging.getLogger("benchmark.activations")
 
 OUTLIER_FACTOR = 5.0  # rows with norm > 5x the median are counted in the manifest's stats
 
 
-def _write_manifest(t: _Target, keep: list[int], seconds: float) -> None:
-    names = [_shard_name(k) for k in range(len(keep))]
+def write_manifest(t: HarvestTarget, keep: list[int], seconds: float) -> None:
+    names = [shard_name(k) for k in range(len(keep))]
     files = integrity.file_records(t.path, names)  # {name: {"bytes", "crc32"}}
     shards = [{"file": f, "rows": rows, **files[f]} for f, rows in zip(names, keep)]
     first = np.load(t.path / shards[0]["file"], mmap_mode="r")
@@ -77,7 +74,7 @@ def _row_norms(path: Path, shards: list[dict], dtype: str) -> np.ndarray:
     """||x|| of every cached row, accumulated in float64, a shard at a time."""
     norms = []
     for s in shards:
-        x = _to_float32(np.load(path / s["file"]), dtype).double()  # (rows, d_in)
+        x = rows_to_float32(np.load(path / s["file"]), dtype).double()  # (rows, d_in)
         norms.append(x.square().sum(dim=1).sqrt().numpy())
     return np.concatenate(norms)
 
@@ -85,14 +82,14 @@ def _row_norms(path: Path, shards: list[dict], dtype: str) -> np.ndarray:
 # ---- streaming ----
 
 
-def _estimate_norm(
+def estimate_norm(
     bridge: Any, cfg: Any, site: Any, spec: dict, path: Path, show: bool = True
 ) -> None:
     """c = sqrt(mean ||x||^2) over the first spec["n_tokens"] streamed rows (float64; a split
     with fewer rows is read again from its start), written to path/norm.json."""
     hook = hook_name(cfg.model, spec["layer"], site, bridge)
     n_tokens, have, sum_sq = spec["n_tokens"], 0, 0.0
-    rows = _stream_rows(bridge, cfg.data, spec["layer"], site.name, hook)
+    rows = stream_site_rows(bridge, cfg.data, spec["layer"], site.name, hook)
     bar = progress(n_tokens, f"stream norm layer {spec['layer']}", unit="tok", enabled=show)
     for x in rows:  # (rows, d_in)
         x = x[: n_tokens - have].double()

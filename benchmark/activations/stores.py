@@ -38,7 +38,7 @@ class ActivationStore:
     """A complete cached set of activations for one (model, layer, site, data, split, budget)."""
 
     def __init__(self, path: Path, *, from_cache: bool = True, buffer_mb: int = 256):
-        manifest = integrity.unseal((path / MANIFEST).read_text())  # checked by _usable
+        manifest = integrity.unseal((path / MANIFEST).read_text())  # checked by cache_usable
         self.path = path
         self.key: str = manifest["key"]
         self.hook: str = manifest["hook"]
@@ -110,7 +110,7 @@ class ActivationStore:
             buf = chunk if carry is None else np.concatenate([carry, chunk])  # (R, d_in)
             start = 0
             while len(buf) - start >= (want := int(min(batch_size, total - done))):
-                yield _to_float32(buf[start : start + want], self.dtype) * scale
+                yield rows_to_float32(buf[start : start + want], self.dtype) * scale
                 start, done = start + want, done + want
                 if done >= total:
                     return
@@ -145,7 +145,7 @@ class StreamingStore:
     def __init__(
         self, path: Path, bridge: Callable[[], Any], data_cfg: Any, layer: int, buffer_rows: int
     ):
-        norm = integrity.unseal((path / NORM_FILE).read_text())  # checked by _norm_usable
+        norm = integrity.unseal((path / NORM_FILE).read_text())  # checked by norm_file_usable
         self.path = path
         self.key: str = norm["key"]
         self.hook: str = norm["hook"]
@@ -156,7 +156,7 @@ class StreamingStore:
         self.max_norm: float | None = None  # streamed rows are never left out for their norm
         self.n_excluded = 0
         self.buffer_rows = buffer_rows
-        self._bridge, self._data_cfg, self._layer = bridge, data_cfg, layer
+        self.load_bridge, self._data_cfg, self._layer = bridge, data_cfg, layer
 
     def __repr__(self) -> str:
         return f"StreamingStore({self.key}, buffer_rows={self.buffer_rows}, d_in={self.d_in})"
@@ -252,9 +252,9 @@ class StreamingStore:
                 yield batch.float() * scale
 
     def _rows(self, skip: int) -> Iterator[torch.Tensor]:
-        """The stream's rows from row `skip` on (see `_stream_rows`)."""
-        bridge = self._bridge()
-        return _stream_rows(bridge, self._data_cfg, self._layer, self.site, self.hook, skip)
+        """The stream's rows from row `skip` on (see `stream_site_rows`)."""
+        bridge = self.load_bridge()
+        return stream_site_rows(bridge, self._data_cfg, self._layer, self.site, self.hook, skip)
 
 
 def _save_stream_state(path: Path, state: dict[str, Any]) -> None:
@@ -310,7 +310,7 @@ def read_sites(
     return out
 
 
-def _check_finite(x: torch.Tensor, mask: torch.Tensor, first: int, where: str, of: str) -> None:
+def check_finite(x: torch.Tensor, mask: torch.Tensor, first: int, where: str, of: str) -> None:
     """Raise naming `where`, the window and position of the first NaN/inf in x (rows of the
     windows first, first + 1, ... whose non-special positions are `mask`)."""
     bad = ~torch.isfinite(x)
@@ -324,7 +324,7 @@ def _check_finite(x: torch.Tensor, mask: torch.Tensor, first: int, where: str, o
     )
 
 
-def _check_context(data_cfg: Any, bridge: Any) -> None:
+def check_context(data_cfg: Any, bridge: Any) -> None:
     n_ctx = getattr(bridge.cfg, "n_ctx", None)
     if n_ctx and data_cfg.context_length > n_ctx:
         raise ConfigError(
@@ -335,7 +335,7 @@ def _check_context(data_cfg: Any, bridge: Any) -> None:
 # ---- streaming ----
 
 
-def _stream_rows(
+def stream_site_rows(
     bridge: Any, data_cfg: Any, layer: int, site: str, hook: str, skip: int = 0
 ) -> Generator[torch.Tensor, None, None]:
     """Endless (rows, d_in) activations of the train windows in order, one forward batch
@@ -352,7 +352,7 @@ def _stream_rows(
             skip -= have
             continue
         x = read_sites(bridge, windows.to(device), mask.to(device), {site: hook}, layer)[site]
-        _check_finite(x, mask, first, f"site {site} ({hook}), streamed", "stream")
+        check_finite(x, mask, first, f"site {site} ({hook}), streamed", "stream")
         x, skip = x[skip:], 0
         yield x
 
@@ -360,7 +360,7 @@ def _stream_rows(
 def _window_batches(data_cfg: Any, bridge: Any, batch: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Endless (index of the first window, (batch, T) windows) of the train split, read
     lazily in order; at the end of the split the windows start over."""
-    _check_context(data_cfg, bridge)
+    check_context(data_cfg, bridge)
     first = 0
     while True:
         windows, start = stream_windows(data_cfg, bridge.tokenizer, "train"), first
@@ -390,19 +390,19 @@ def _rebatch(chunks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.
 # ---- storage dtype ----
 
 
-def _to_numpy(x: torch.Tensor) -> np.ndarray:
+def rows_to_numpy(x: torch.Tensor) -> np.ndarray:
     """numpy has no bfloat16: its raw bits are stored as int16 and viewed back on load."""
     return x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
 
 
-def _to_float32(a: np.ndarray, dtype: str) -> torch.Tensor:
+def rows_to_float32(a: np.ndarray, dtype: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).float()
 
 
 def _sq_norms(a: np.ndarray, dtype: str) -> np.ndarray:
     """Squared row norms of stored rows, in float64."""
-    x = _to_float32(a, dtype).double()
+    x = rows_to_float32(a, dtype).double()
     return (x * x).sum(dim=1).numpy()
 
 
