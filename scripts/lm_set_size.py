@@ -1,12 +1,13 @@
 """How large the LM set must be: which paired differences between architectures a results
 folder's LM set resolves, and whether a smaller LM set would still resolve them.
 
-    python scripts/lm_set_size.py RESULTS_DIR [--sizes 1,2,4,8] [--points 28.3,40,56.6]
+    python scripts/lm_set_size.py RESULTS_DIR [--sizes 1,2,4,8] [--points 28.3,40,56.6] [--save]
 
 Reads each run's `lm_windows.npy` (per LM window: clean and spliced CE sums and the scored
 positions; `benchmark.evaluate.WINDOW_COLUMNS`). A run without it but with its saved SAE
 (`sae.safetensors`) is evaluated again on its LM set, all such runs in one shared pass, and
-the recomputed delta LM loss is checked against its record.
+the recomputed delta LM loss is checked against its record; --save writes the recomputed
+lm_windows.npy into those run folders (atomically).
 
 For every pair of architectures and seed, at each claim point L (the report's `claim_points`
 of the runs' targets, or --points): each window's CE difference d_w = spliced_w - clean_w is
@@ -34,6 +35,7 @@ import pandas as pd
 import torch
 
 from benchmark.evaluate import ratio_se
+from benchmark.fileio import save_npy_atomic
 from benchmark.report.claims import claim_points
 from benchmark.report.stats import t_quantile_975
 
@@ -51,7 +53,7 @@ def read_runs(results: Path) -> list[dict]:
     return runs
 
 
-def recompute_windows(runs: list[dict]) -> None:
+def recompute_windows(runs: list[dict], save: bool = False) -> None:
     """Evaluate the runs lacking lm_windows.npy again, from their saved SAEs, in one pass."""
     from omegaconf import OmegaConf
 
@@ -75,9 +77,11 @@ def recompute_windows(runs: list[dict]) -> None:
             sys.exit(f"error: {run['dir'].name}: re-evaluated delta LM loss {m['delta_lm_loss']} "
                      f"differs from its record's {run['delta_lm_loss']}")  # fmt: skip
         run["windows"] = w.numpy()
+        if save:
+            save_npy_atomic(run["dir"] / "lm_windows.npy", run["windows"])
 
 
-def load_windows(runs: list[dict]) -> None:
+def load_windows(runs: list[dict], save: bool = False) -> None:
     missing = []
     for run in runs:
         path = run["dir"] / "lm_windows.npy"
@@ -89,7 +93,7 @@ def load_windows(runs: list[dict]) -> None:
             sys.exit(f"error: {run['dir']}: neither lm_windows.npy nor sae.safetensors")
     if missing:
         print(f"re-evaluating {len(missing)} run(s) without lm_windows.npy ...", flush=True)
-        recompute_windows(missing)
+        recompute_windows(missing, save)
 
 
 def window_deltas(curve: list[dict], point: float) -> np.ndarray | None:
@@ -141,11 +145,12 @@ def main() -> None:
     ap.add_argument("results", type=Path)
     ap.add_argument("--sizes", default="1,2,4,8", help="LM-set fractions 1/k to test (k values)")
     ap.add_argument("--points", default=None, help="L0 points (default: the report's claim points)")
+    ap.add_argument("--save", action="store_true", help="write recomputed lm_windows.npy files")
     a = ap.parse_args()
     runs = read_runs(a.results)
     if not runs:
         sys.exit(f"error: {a.results}: no finished run with LM metrics")
-    load_windows(runs)
+    load_windows(runs, a.save)
     targets = sorted({float(r["target_l0"]) for r in runs if r["target_l0"] is not None})
     points = [float(p) for p in a.points.split(",")] if a.points else claim_points(targets)
     sizes = [int(k) for k in a.sizes.split(",")]
