@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,14 +461,34 @@ def activation_metrics(
     """L0, FVU and firing-frequency statistics of `sae` on raw (unnormalised) activation
     batches (n, d_in): the held-out activation set. Returns (metrics, firing_frequency).
     progress: rows done out of `total` (if known), rate and ETA."""
-    stats = SpliceStats()
+    return activation_metrics_group([sae], batches, device, total=total, progress=progress)[0]
+
+
+@torch.no_grad()
+def activation_metrics_group(
+    saes: Sequence[nn.Module],
+    batches: Iterable[Tensor],
+    device: torch.device | str = "cpu",
+    *,
+    total: float | None = None,
+    progress: bool = False,
+) -> list[tuple[dict[str, float], Tensor]]:
+    """`activation_metrics` of every SAE in `saes` (all reading the same site) in one pass over
+    the batches: each batch is read once and fed to every SAE, so each SAE's numbers are those
+    of its own pass."""
+    stats = [SpliceStats() for _ in saes]
     bar = progress_display(total, "evaluate activations", unit="tok", enabled=progress)
     for x in batches:
         x = x.to(device)
-        out = sae(x)
-        stats.add(x, out.x_hat, out.f)
+        for sae, st in zip(saes, stats, strict=True):
+            out = sae(x)
+            st.add(x, out.x_hat, out.f)
         bar.update(x.shape[0])
     bar.close()
+    return [_activation_summary(st) for st in stats]
+
+
+def _activation_summary(stats: SpliceStats) -> tuple[dict[str, float], Tensor]:
     if stats.fired is None:
         raise ValueError("activation_metrics: no activations to evaluate on")
     freq = stats.fired.double().cpu() / stats.n

@@ -53,7 +53,7 @@ from baselines.base import SparseAutoencoder
 from baselines.foreign import source_of, suite_node
 from benchmark import activations, cli_errors, data, fanout, identity, models
 from benchmark.errors import ConfigError
-from benchmark.evaluate import activation_metrics, evaluate_group
+from benchmark.evaluate import activation_metrics_group, evaluate_group
 from benchmark.fileio import DiskFullError, save_npy_atomic, write_json_atomic
 from benchmark.hub import check_sources
 from benchmark.metrics import METRICS_VERSION, definitions
@@ -339,12 +339,16 @@ def _run_group(
                 [t.result.seconds for t in trained if t.result is not None and not t.loaded])  # fmt: skip
 
     stage("evaluate", lead.out)
-    act = []
-    for m, plan in zip(members, plans, strict=True):
-        eval_store = held_out[m.cfg.site.name]
-        act_metrics, freq = activation_stage(m.cfg, plan.sae, eval_store, device)
-        save_npy_atomic(m.out / "firing_frequency.npy", freq.numpy())
-        act.append((eval_store, act_metrics))
+    act: list[Any] = [None] * len(members)
+    by_site: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        by_site.setdefault(m.cfg.site.name, []).append(i)
+    for site, idx in by_site.items():  # one pass over each site's held-out set for its SAEs
+        eval_store = held_out[site]
+        outs = activation_stage(lead.cfg, [plans[i].sae for i in idx], eval_store, device)
+        for i, (act_metrics, freq) in zip(idx, outs, strict=True):
+            save_npy_atomic(members[i].out / "firing_frequency.npy", freq.numpy())
+            act[i] = (eval_store, act_metrics)
     clock.lap("activation_metrics")
     max_norms = {h: held_out[m.cfg.site.name].max_norm for m, h in zip(members, hooks, strict=True)}
     lm_windows: list[torch.Tensor] = []
@@ -512,15 +516,16 @@ def norm_filter(cfg: DictConfig, train_store: Any, eval_store: Any) -> dict[str,
     }
 
 
-def activation_stage(cfg: DictConfig, sae, store: Any, device: torch.device):
-    """L0, FVU and firing frequencies of `sae` on the held-out activation `store`."""
+def activation_stage(cfg: DictConfig, saes: list, store: Any, device: torch.device):
+    """(metrics, firing frequencies) of each SAE in `saes` (all at the store's site): L0, FVU and
+    frequencies on the held-out activation `store`, read once for all of them."""
     batches = store.batches(
         int(cfg.eval.activation_batch_size), seed=0, epochs=1, normalise=False, shuffle=False
     )
-    metrics, freq = activation_metrics(
-        sae.eval(), batches, device, total=store.n_tokens, progress=cfg.get("progress", True)
-    )
-    return metrics, freq
+    return activation_metrics_group(
+        [sae.eval() for sae in saes], batches, device, total=store.n_tokens,
+        progress=cfg.get("progress", True),
+    )  # fmt: skip
 
 
 def evaluate_stage(cfg: DictConfig, members, lm, device: torch.device,
@@ -551,7 +556,7 @@ def reevaluate(run_dir: str | Path, device: str = "auto") -> dict[str, float | N
     hook = models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
     lm = models.load_model(cfg.model, dev, cfg.cache_dir)
     store = held_out_store(cfg, lm)
-    act_metrics, _ = activation_stage(cfg, sae, store, dev)
+    ((act_metrics, _),) = activation_stage(cfg, [sae], store, dev)
     lm_metrics = evaluate_stage(cfg, [(sae, hook)], lm, dev, {hook: store.max_norm})[0]
     return {**act_metrics, **lm_metrics}
 

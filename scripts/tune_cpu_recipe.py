@@ -151,7 +151,7 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int], seed: int,
                    coefficient=result.coefficient, n_activation_tokens=held_out.n_tokens)  # fmt: skip
         if trainer.failure is None:
             plan.sae.fold_scale(train_store.norm_scale)
-            metrics, _ = activation_stage(cfg, plan.sae, held_out, torch.device("cpu"))
+            ((metrics, _),) = activation_stage(cfg, [plan.sae], held_out, torch.device("cpu"))
             row.update({k: metrics[k] for k in ("l0", "fvu", "frac_dead", "frac_freq_over_10pct")})
         else:
             row.update(l0=float("nan"), fvu=float("nan"), frac_dead=float("nan"),

@@ -16,6 +16,7 @@ from benchmark.evaluate import (
     WINDOW_COLUMNS,
     SpliceStats,
     activation_metrics,
+    activation_metrics_group,
     evaluate_group,
     evaluate_sae,
     next_token_losses,
@@ -283,3 +284,27 @@ def test_loss_cache_key_names_the_whole_model_spec():
         keys.add(model_key(compose_config([o])))
     assert len(keys) == 5
     assert model_key(compose_config(["model.dtype=float32"])) == model_key(base)
+
+
+def test_activation_metrics_group_reads_once_and_equals_separate_passes():
+    """One pass for a group of SAEs at one site: each SAE's metrics and frequencies are those of
+    its own pass (exactly), and the batches are read once."""
+    from baselines.relu import ReLUSAE
+    from baselines.topk import TopKSAE
+
+    torch.manual_seed(0)
+    saes = [TopKSAE(8, 32, k=3), ReLUSAE(8, 32), TopKSAE(8, 32, k=5)]
+    data = [torch.randn(16, 8) for _ in range(4)]
+    reads = []
+
+    def batches():
+        for x in data:
+            reads.append(1)
+            yield x
+
+    grouped = activation_metrics_group(saes, batches())
+    assert len(reads) == len(data)
+    for sae, (metrics, freq) in zip(saes, grouped, strict=True):
+        alone, alone_freq = activation_metrics(sae, data)
+        assert metrics == alone and torch.equal(freq, alone_freq)
+    assert grouped[0][0]["l0"] == pytest.approx(3.0)
