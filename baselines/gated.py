@@ -37,13 +37,12 @@ from baselines.sparse import (
     SparseCode,
     SparseMode,
     check_mode,
+    code_if_sparse,
     dense_code,
-    mask_code,
     per_latent,
     sampled_pre,
     sparse_decode,
     sparse_output,
-    use_sparse,
 )
 
 
@@ -85,12 +84,7 @@ class GatedSAE(SparseAutoencoder):
 
     def active_code(self, pi_gate: Tensor) -> SparseCode | None:
         """The gate's support {pi_gate > 0} when the sparse path is taken, else None."""
-        if self.sparse is False:
-            return None
-        gate = pi_gate > 0
-        if not use_sparse(self.sparse, int(gate.count_nonzero()) / gate.numel(), gate.device):
-            return None
-        return mask_code(gate)
+        return code_if_sparse(self.sparse, pi_gate > 0)
 
     def forward(self, x: Tensor) -> SAEOutput:
         xc = x - self.b_dec

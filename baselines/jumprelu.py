@@ -89,10 +89,9 @@ from baselines.sparse import (
     SparseCode,
     SparseMode,
     check_mode,
-    mask_code,
+    code_if_sparse,
     per_latent,
     sparse_forward,
-    use_sparse,
 )
 
 SparsityLoss = Literal["l0", "tanh", "target_l0"]
@@ -278,11 +277,9 @@ class JumpReLUSAE(SparseAutoencoder):
         # |pre - theta| / eps < 1/2 (as `rectangle` rounds it) has pre > theta - 0.51 eps;
         # extra pairs just below the window only carry zero values and zero gradients.
         theta = self.threshold.detach()
-        near = pre > theta - (0.51 * self.bandwidth + 1e-5 * theta.abs())  # (B, d_sae)
-        density = int(near.count_nonzero()) / near.numel()
-        if not use_sparse(self.sparse, density, pre.device):
-            return None
-        return mask_code(near)
+        return code_if_sparse(
+            self.sparse, pre > theta - (0.51 * self.bandwidth + 1e-5 * theta.abs())
+        )
 
     def forward(self, x: Tensor) -> SAEOutput:
         return sparse_forward(

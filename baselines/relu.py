@@ -23,10 +23,9 @@ from baselines.sparse import (
     SparseCode,
     SparseMode,
     check_mode,
-    mask_code,
+    code_if_sparse,
     per_latent,
     sparse_forward,
-    use_sparse,
 )
 
 
@@ -54,12 +53,7 @@ class ReLUSAE(SparseAutoencoder):
 
     def active_code(self, pre: Tensor) -> SparseCode | None:
         """The pairs with pre > 0 when the sparse path is taken, else None."""
-        if self.sparse is False:
-            return None
-        active = pre > 0
-        if not use_sparse(self.sparse, int(active.count_nonzero()) / active.numel(), pre.device):
-            return None
-        return mask_code(active)
+        return code_if_sparse(self.sparse, pre > 0)
 
     def forward(self, x: Tensor) -> SAEOutput:
         return sparse_forward(self, x, lambda z, code: torch.relu(z))

@@ -96,6 +96,15 @@ def mask_code(mask: Tensor) -> SparseCode:
     return make_code(tokens, latents, mask.shape[0], mask.shape[1])
 
 
+def code_if_sparse(mode: SparseMode, mask: Tensor) -> SparseCode | None:
+    """The code of `mask`'s pairs when the sparse path is taken for its density, else None."""
+    if mode is False:
+        return None
+    if not use_sparse(mode, int(mask.count_nonzero()) / mask.numel(), mask.device):
+        return None
+    return mask_code(mask)
+
+
 def _by_latent_sum(code: SparseCode, table: Tensor, weights: Tensor) -> Tensor:
     """out_i = sum over pairs n with latent i of weights_n * table[token_n]: (d_sae, d)."""
     order = code.by_latent
