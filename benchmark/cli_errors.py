@@ -84,6 +84,15 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(error(message))
 
 
+def user_error(e: Exception) -> int:
+    """A tool's user error (an unreadable file, a bad value) as one `error:` line and status 2:
+    an OSError worded by `file_error`, anything else by its message. With HYDRA_FULL_ERROR=1 it
+    is raised again, traceback and all."""
+    if debug():
+        raise e
+    return error(file_error(e) if isinstance(e, OSError) else str(e))
+
+
 def error(message: str) -> int:
     """Print `error: <message>` (one line) to stderr; returns the exit status 2 (for a CLI's
     `main` that returns its status)."""

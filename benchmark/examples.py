@@ -267,14 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             doc = examples(a.run_dir, latents=latents, top=a.top, random=a.random, seed=a.seed,
                            n_examples=a.n_examples, n_tokens=a.n_tokens, before=a.before,
                            after=a.after, batch_size=a.batch_size, device=a.device, out=a.out)  # fmt: skip
-        except OSError as e:
-            if cli_errors.debug():
-                raise
-            return cli_errors.error(cli_errors.file_error(e))
-        except ValueError as e:
-            if cli_errors.debug():
-                raise
-            return cli_errors.error(str(e))
+        except (OSError, ValueError) as e:
+            return cli_errors.user_error(e)
     out = a.out or a.run_dir / "examples"
     print(f"{len(doc['latents'])} latents, {doc['n_tokens']} tokens: {out}/examples.html")
     return 0

@@ -98,14 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if (run_dir / "config.yaml").exists():
                 cli_errors.read_yaml_mapping(run_dir / "config.yaml")
             written = export(run_dir, args.format, args.out)
-        except OSError as e:
-            if cli_errors.debug():
-                raise
-            return cli_errors.error(cli_errors.file_error(e))
-        except (ValueError, TypeError) as e:
-            if cli_errors.debug():
-                raise
-            return cli_errors.error(str(e))
+        except (OSError, ValueError, TypeError) as e:
+            return cli_errors.user_error(e)
     print(json.dumps([str(p) for p in written]))
     return 0
 

@@ -380,14 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             frame = probe(a.results_dir, datasets=datasets, n_train=n_train, n_test=n_test,
                           ks=ks, out=a.out, data_dir=a.data_dir, device=a.device,
                           cache_dir=a.cache_dir, batch_size=batch_size)  # fmt: skip
-        except OSError as e:
-            if cli_errors.debug():
-                raise
-            return cli_errors.error(cli_errors.file_error(e))
-        except ValueError as e:
-            if cli_errors.debug():
-                raise
-            return cli_errors.error(str(e))
+        except (OSError, ValueError) as e:
+            return cli_errors.user_error(e)
     out = a.out or a.results_dir / "probe"
     print(probe_markdown(frame))
     print(f"{len(frame)} probes: {out}/probe.csv, {out}/probe.md")
