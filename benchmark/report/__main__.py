@@ -1,7 +1,8 @@
 """The command line: ``python -m benchmark.report RESULTS_DIR [--out DIR] [--latex]
 [--targets 10,20,40] [--l0-tolerance X] [--resolution R] [--claims-l0 28,40,57]``. Prints table 1, the paper's claims judged, the
 problems and the files written; adds ``probe.md`` when RESULTS_DIR/probe/probe.csv exists
-(``python -m benchmark.probe``).
+(``python -m benchmark.probe``) and ``interp.md`` with ``fig_interp`` when
+RESULTS_DIR/interp/interp.csv exists (``python -m benchmark.interp``).
 
 Errors end as one `error: ...` line on stderr and exit status 2: RESULTS_DIR missing, not a
 folder, or without any result.json (or Hydra run folder) under it; an output folder that cannot
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmark import cli_errors
+from benchmark.report.interp import write_interp
 from benchmark.report.load import load_results
 from benchmark.report.probe import write_probe
 from benchmark.report.tables import to_markdown
@@ -116,6 +118,12 @@ def report(args: argparse.Namespace, targets: list[float] | None,
             written += write_probe(probe_csv, out)
         except ValueError as e:  # a damaged probe.csv leaves the probe table out, nothing else
             notes.append(f"probe table left out: {e}")
+    interp_csv = root / "interp" / "interp.csv"  # written by python -m benchmark.interp
+    if interp_csv.is_file():
+        try:
+            written += write_interp(interp_csv, out)
+        except ValueError as e:  # a damaged interp.csv leaves the interp summary out, nothing else
+            notes.append(f"interp summary left out: {e}")
     if not table.empty:
         print(f"# Matched-L0 table ({len(df)} complete runs)\n")
         print(to_markdown(table, TABLE1_TITLE))
