@@ -6,7 +6,7 @@
 RUN_DIR is a finished run's folder: sae.safetensors + sae_config.yaml (the scale-folded SAE,
 reading raw activations) and result.json (hook, model, d_in, d_sae); config.yaml, when present,
 adds the model's hub name and the context length to SAE-Lens's metadata. The formats and their
-exact weight maps are in baselines/saelens.py and baselines/gemma_scope.py; the same modules load
+exact weight maps are in interop/saelens.py and interop/gemma_scope.py; the same modules load
 them back (tests/test_interop.py checks the round trip).
 
 Knows the run folder's files and the two writers; loads no model and no data.
@@ -24,12 +24,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from baselines.gemma_scope import PARAMS, write_gemma_scope
-from baselines.saelens import write_saelens
 from benchmark import cli_errors
 from benchmark.fileio import honour_umask
 from benchmark.results import read_result
 from benchmark.saes import load_sae
+from interop.gemma_scope import PARAMS, write_gemma_scope
+from interop.saelens import write_saelens
 
 FORMATS = ("saelens", "gemma_scope")
 

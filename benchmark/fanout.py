@@ -9,26 +9,26 @@
 Hydra's basic in-process launcher plus one step before it: it composes every job's config and
 folder, and groups the jobs by `benchmark.identity.group_key` (same model, layer, data, seed,
 batch size, token budget, evaluation config and cache; the SAE, its sparsity target, the site
-and the rest of the recipe may differ). Hydra then runs the jobs in order as usual; the first
-job of a group runs the whole group (`benchmark.run.run_group`): the model loads once, one
-harvest pass serves all sites, the SAEs train in lockstep on the same batches and the
-evaluation shares the model's pass up to the hooked layer. Every SAE still writes its own
-folder and result.json exactly as a single run would (with `trained_in_group`: the group key);
-the group's other jobs then return the results already computed. Numbers are unchanged by
-grouping (tests/test_fanout.py: same weights and metrics as separate runs).
+and the rest of the recipe may differ). Hydra's `run_job` then runs the jobs in launch order
+(their folders, .hydra/ and logs as usual), each with its group's task (`Group.value`): the
+first job of a group hands the whole group to `benchmark.run.run_jobs`, which runs it and
+returns each member's value; the others return theirs. The model loads once, one harvest pass
+serves all sites, the SAEs train in lockstep on the same batches and the evaluation shares the
+model's pass up to the hooked layer. Every SAE still writes its own folder and result.json as a
+single run would (with `trained_in_group`: the group key); numbers are unchanged by grouping
+(tests/test_fanout.py).
 
 Resume: each SAE checkpoints in its own folder; a killed group, re-launched with the same
-command, skips its finished SAEs and resumes the others from their checkpoints. A group whose
-run fails marks every unfinished member failed (result.json with the traceback). The first job
-claims every member's folder with its file lock (benchmark.runfolder.claim, sorted order): a member
-another process is running is skipped, so the same sweep launched twice computes each SAE once.
-Each member's log lines also go to its own run.log (benchmark.runfolder.member_logs).
+command, skips its finished SAEs and resumes the others. A failed group marks every unfinished
+member failed (result.json with the traceback) and each of its jobs reports it. `run_jobs`
+claims every member's folder (benchmark.runfolder.claim): a member another process is running
+is skipped, so the same sweep launched twice computes each SAE once. Each member's log lines
+also go to its own run.log (benchmark.runfolder.member_logs). Launchers that run jobs in other
+processes (`hydra/launcher=local`: joblib; `slurm`) do not group: each job is a group of one.
 
-Launchers that run jobs in other processes (`hydra/launcher=local`: joblib; `slurm`) do not
-group: each job is a group of one.
-
-Owns: the grouping and the hand-over from Hydra's jobs to `run_group`. Must not know the
-trainer, the evaluator or any architecture.
+Owns: the grouping and the hand-over of each group to `benchmark.run.run_jobs` (imported only
+when a group runs: benchmark.plan imports `cut_groups`; benchmark.run does not import this
+module). Must not know the trainer, the evaluator or any architecture.
 """
 
 from __future__ import annotations
@@ -54,21 +54,32 @@ T = TypeVar("T")
 
 @dataclass
 class Group:
-    """The jobs of one fan-out group, in launch order, and what became of them."""
+    """The jobs of one fan-out group, in launch order, and once run, what their jobs return."""
 
     key: str
     members: list[Any] = field(default_factory=list)  # benchmark.run.Member
-    ran: bool = False
-    values: dict[str, Any] = field(default_factory=dict)  # folder -> the job's return value
-    error: str | None = None
+    values: dict[str, Any] | None = None  # folder -> its job's return value, once run
+    error: str | None = None  # the failure of its run
 
+    def task(self, out: Path) -> Callable[[DictConfig], Any]:
+        """The task function run_job runs for the group's job writing to `out`."""
+        return lambda _cfg: self.value(out)
 
-_GROUPS: dict[str, Group] = {}  # absolute job folder -> its group (groups of 2 or more)
+    def value(self, out: Path) -> Any:
+        """The return value of the group's job writing to `out`: the first job to ask hands the
+        whole group to `benchmark.run.run_jobs`; the others get what it returned, or its error."""
+        if self.values is None and self.error is None:
+            from benchmark.run import run_jobs  # the pipeline: loaded when a group runs
 
-
-def group_for(out: str | Path) -> Group | None:
-    """The fan-out group the job writing to `out` belongs to, or None (it runs alone)."""
-    return _GROUPS.get(os.path.abspath(out))
+            try:
+                results = run_jobs(self.members, self.key)
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                raise
+            self.values = {str(m.out): v for m, v in zip(self.members, results, strict=True)}
+        if self.values is None:
+            raise RuntimeError(f"its fan-out group {self.key[:8]} failed: {self.error}")
+        return self.values[str(out)]
 
 
 def cut_groups(
@@ -95,31 +106,15 @@ def cut_groups(
     ]
 
 
-def plan_groups(
-    jobs: Sequence[tuple[DictConfig, Path, dict[str, Any]]],
-    *,
-    max_saes: int | None = None,
-    split_sites: bool = False,
-) -> list[Group]:
-    """Group (task config, folder, choices) jobs by group key, keeping launch order
-    (`cut_groups`)."""
+def plan_groups(jobs: Sequence[tuple[DictConfig, Path, dict[str, Any]]], *,
+                max_saes: int | None = None, split_sites: bool = False) -> list[Group]:  # fmt: skip
+    """(task config, folder, choices) jobs grouped by group key in launch order (`cut_groups`)."""
     from benchmark.run import Member
 
     keyed = [(identity.group_key(cfg), cfg, out, choices) for cfg, out, choices in jobs]
     parts = cut_groups(keyed, lambda j: j[0], lambda j: str(j[1].site.name),
                        max_saes=max_saes, split_sites=split_sites)  # fmt: skip
     return [Group(key, [Member(cfg, out, ch) for _, cfg, out, ch in part]) for key, part in parts]
-
-
-def register(groups: Sequence[Group]) -> None:
-    """Make the groups of two or more jobs known to the jobs' task function (benchmark.run)."""
-    _GROUPS.clear()
-    for g in groups:
-        if len(g.members) > 1:
-            log.info("fan-out group %s: %d SAEs (%s)", g.key[:8], len(g.members),
-                     ", ".join(m.out.name for m in g.members))  # fmt: skip
-            for m in g.members:
-                _GROUPS[os.path.abspath(m.out)] = g
 
 
 @dataclass
@@ -153,20 +148,26 @@ def compose_job(
     return SweepJob(sweep, task, Path(os.path.abspath(out)), choices, list(overrides))
 
 
-def run_grouped(hydra_context: Any, task_function: Any, jobs: Sequence[SweepJob], *,
-                max_saes: int | None = None, split_sites: bool = False) -> list[JobReturn]:  # fmt: skip
-    """Register the jobs' fan-out groups, then run each job through Hydra's run_job in launch
-    order (the first job of a group runs the whole group, benchmark.run)."""
-    register(plan_groups([(j.task, j.out, j.choices) for j in jobs], max_saes=max_saes,
-                         split_sites=split_sites))  # fmt: skip
+def run_grouped(hydra_context: Any, jobs: Sequence[SweepJob], *, max_saes: int | None = None,
+                split_sites: bool = False) -> list[JobReturn]:  # fmt: skip
+    """Group the jobs, then run each job through Hydra's run_job in launch order, its task its
+    group's `Group.value` (the first job of a group runs the whole group)."""
+    groups = plan_groups([(j.task, j.out, j.choices) for j in jobs], max_saes=max_saes,
+                         split_sites=split_sites)  # fmt: skip
+    for g in groups:
+        if len(g.members) > 1:
+            log.info("fan-out group %s: %d SAEs (%s)", g.key[:8], len(g.members),
+                     ", ".join(m.out.name for m in g.members))  # fmt: skip
+    group_of = {str(m.out): g for g in groups for m in g.members}
     returns = []
     for job in jobs:
         # The launcher's own logging again (console): the previous job's file log (its run.log)
         # would otherwise also get this job's launch line.
         configure_log(job.sweep.hydra.hydra_logging, job.sweep.hydra.verbose)
         log.info("\t#%s : %s", job.sweep.hydra.job.num, " ".join(filter_overrides(job.overrides)))
-        returns.append(run_job(hydra_context=hydra_context, task_function=task_function,
-                               config=job.sweep, job_dir_key="hydra.sweep.dir",
+        returns.append(run_job(hydra_context=hydra_context, config=job.sweep,
+                               task_function=group_of[str(job.out)].task(job.out),
+                               job_dir_key="hydra.sweep.dir",
                                job_subdir_key="hydra.sweep.subdir"))  # fmt: skip
     return returns
 
@@ -183,7 +184,6 @@ class FanoutLauncher(BasicLauncher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        _GROUPS.clear()
         if not self.group:
             return super().launch(job_overrides, initial_job_idx)
         assert self.hydra_context is not None and self.config is not None
@@ -193,15 +193,15 @@ class FanoutLauncher(BasicLauncher):
         log.info("Launching %d jobs locally", len(job_overrides))
         jobs = [compose_job(self.hydra_context, self.config, o, initial_job_idx + i)
                 for i, o in enumerate(job_overrides)]  # fmt: skip
-        return run_grouped(self.hydra_context, self.task_function, jobs, max_saes=self.max_saes,
+        return run_grouped(self.hydra_context, jobs, max_saes=self.max_saes,
                            split_sites=self.split_sites)  # fmt: skip
 
 
 class SubmititFanout:
     """For hydra-submitit's launchers (SLURM, or submitit's local executor): one submitit task
-    per fan-out group instead of one per job. The task composes its members, registers the
-    group and runs the members' Hydra jobs in order in one process, so the first runs the whole
-    group (benchmark.run.run_group) and the others return its results. Requeue after a time-out
+    per fan-out group instead of one per job. The task composes its members and runs their
+    Hydra jobs in order in one process (`run_grouped`), so the first runs the whole group
+    (benchmark.run.run_jobs) and the others return its results. Requeue after a time-out
     or preemption re-runs the task: finished members are skipped, the others resume from their
     checkpoints. Combine with a submitit launcher class (hydra_plugins/benchmark_fanout)."""
 
@@ -242,4 +242,4 @@ class SubmititFanout:
         task_id = submitit.JobEnvironment().job_id
         jobs = [compose_job(self.hydra_context, self.config, o, i, task_id)
                 for i, o in self.fanout_jobs[tuple(sweep_overrides)]]  # fmt: skip
-        return run_grouped(self.hydra_context, self.task_function, jobs)
+        return run_grouped(self.hydra_context, jobs)

@@ -32,8 +32,8 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from baselines.foreign import HF  # the scheme of an sae.path on the hub
 from benchmark.errors import ConfigError
+from interop.foreign import HF  # the scheme of an sae.path on the hub
 
 TIMEOUT_S = 3.0
 FILE_SUFFIXES = (".npz", ".safetensors", ".json", ".pt", ".bin", ".yaml")  # the loaders' files

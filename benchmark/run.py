@@ -5,6 +5,8 @@
     python -m benchmark.run -m +experiment=quickstart
 
 Owns the order of the stages and the run folder; every `_target_` lives in conf/, not here.
+Jobs come in through `run_jobs`: `main` hands over its own job (a group of one), the fan-out
+launcher (benchmark/fanout.py, which this module does not import) each group of a sweep.
 A run's folder is named by its config (benchmark/identity.py), single run or sweep job alike.
 A folder that already holds a complete result.json of the same config is skipped (so an
 interrupted sweep, re-launched with the same command, resumes where it stopped; a result from
@@ -50,8 +52,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from baselines.base import SparseAutoencoder
-from baselines.foreign import source_of, suite_node
-from benchmark import activations, cli_errors, data, fanout, identity, models
+from benchmark import activations, cli_errors, data, identity, models
 from benchmark.errors import ConfigError
 from benchmark.evaluate import activation_metrics_group, evaluate_group
 from benchmark.fileio import DiskFullError, save_npy_atomic, write_json_atomic
@@ -70,6 +71,7 @@ from benchmark.train import (
     write_history,
 )
 from benchmark.validate import check_run, dictionary_size, evaluate_only, site_width
+from interop.foreign import source_of, suite_node
 
 log = logging.getLogger("benchmark.run")
 CHECKPOINT = "checkpoint.pt"  # a run's training checkpoint, in its folder
@@ -667,83 +669,71 @@ def loader_error(cfg: DictConfig, e: BaseException) -> str | None:
     return None
 
 
-def run_fanout(group: fanout.Group, out: Path) -> Any:
-    """The return value of the job writing to `out`, a member of a fan-out group: the group's
-    first job claims every member's folder (`claim`) and runs the members that are not already
-    complete (`run_group`); the others return what it computed (None for a member another
-    process is running). A failure marks every unfinished member failed, and each of the
-    group's jobs reports it."""
-    if not group.ran:
-        group.ran = True
-        with claim(group.members) as mine:
-            _run_claimed(group, mine)
-    if group.error is not None:
-        raise RuntimeError(f"its fan-out group {group.key[:8]} failed: {group.error}")
-    return group.values.get(str(out))
-
-
-def run_alone(cfg: DictConfig, out: Path, choices: dict[str, Any]) -> Any:
-    """The return value of a job that runs alone (a single run, the basic launcher's jobs, a
-    joblib or submitit process): a fan-out group of one."""
-    return run_fanout(fanout.Group("", [Member(cfg, out, choices)]), out)
-
-
-def _run_claimed(group: fanout.Group, mine: list[Member]) -> None:
-    """Run the members whose folders this process holds; the failed record of a failure and
-    the removal of a refused run's folder happen under the lock."""
-    todo: list[Member] = []
+def run_jobs(members: list[Member], key: str | None = None) -> list[Any]:
+    """What the members' Hydra jobs return (`run_members`), with the CLI's error policy: a user
+    error (ConfigError, a full disk, an SAE file its loader cannot read) ends as one `error:`
+    line and exit status 2; anything else is raised with its traceback. Called by `main` for its
+    own job and by the fan-out launcher for each group (benchmark/fanout.py)."""
     try:
-        for m in mine:  # a finished run is skipped before anything else is checked
-            done = check_folder(m.cfg, m.out)
-            if done is not None:
-                group.values[str(m.out)] = done.get("delta_lm_loss")
-            else:
-                check_writable(m.cfg)
-                preflight(m.cfg)
-                check_checkpoint(m)
-                todo.append(m)
-        if todo:
-            key = group.key if len(todo) > 1 else None
-            for m, record in zip(todo, run_group(todo, key), strict=True):
-                group.values[str(m.out)] = record.metrics["delta_lm_loss"]
-    except ConfigError:
-        for m in mine:  # refused before it started: leave no empty folder behind
-            remove_unused(m.out)
-        raise
-    except DiskFullError:
-        raise
-    except Exception as e:
-        group.error = f"{type(e).__name__}: {e}"
-        for m in todo:
-            record_failure(m.out, e, m.choices, m.cfg)
-        raise
-
-
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    """One Hydra job. A finished run is skipped before anything else is checked (it needs no
-    device, hub or cache), then `check_writable` and `preflight` fail in seconds, before the SAE
-    is built or the model loads. A user error (ConfigError, a full disk, an SAE file its loader
-    cannot read) ends as one `error:` line and exit status 2; a bug records a failed
-    result.json and keeps its traceback. Ctrl-C is not caught here (`cli`): an interrupted run
-    is neither failed nor finished, and the same command resumes it."""
-    hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir)
-    choices = {g: hc.runtime.choices.get(g) for g in identity.CHOICE_GROUPS}
-    group = fanout.group_for(out)
-    try:
-        if group is not None:
-            return run_fanout(group, out)
-        return run_alone(cfg, out, choices)  # its failure is recorded there, under the lock
+        return run_members(members, key)
     except (ConfigError, DiskFullError) as e:  # a user error: one line, exit 2, no traceback
         if cli_errors.debug():  # HYDRA_FULL_ERROR=1: the full traceback instead
             raise
         cli_errors.fail(str(e))
     except Exception as e:
-        message = loader_error(cfg, e)
+        message = loader_error(members[0].cfg, e)
         if message is not None and not cli_errors.debug():
             cli_errors.fail(message)
         raise
+
+
+def run_members(members: list[Member], key: str | None = None) -> list[Any]:
+    """Each member's job return value (its delta_lm_loss; None for a member another process is
+    running): the members' folders are claimed (`claim`, sorted order), the complete ones
+    skipped, the others run together (`run_group`; `trained_in_group` is `key` when several
+    run). A failure marks every unfinished member failed and is raised; a refused run (a
+    ConfigError before it started) leaves no folder (`remove_unused`). Both under the locks."""
+    with claim(members) as mine:
+        values: dict[str, Any] = {}
+        todo: list[Member] = []
+        try:
+            for m in mine:  # a finished run is skipped before anything else is checked
+                done = check_folder(m.cfg, m.out)
+                if done is not None:
+                    values[str(m.out)] = done.get("delta_lm_loss")
+                else:
+                    check_writable(m.cfg)
+                    preflight(m.cfg)
+                    check_checkpoint(m)
+                    todo.append(m)
+            if todo:
+                records = run_group(todo, key if len(todo) > 1 else None)
+                for m, record in zip(todo, records, strict=True):
+                    values[str(m.out)] = record.metrics["delta_lm_loss"]
+        except ConfigError:
+            for m in mine:  # refused before it started: leave no empty folder behind
+                remove_unused(m.out)
+            raise
+        except DiskFullError:
+            raise
+        except Exception as e:
+            for m in todo:
+                record_failure(m.out, e, m.choices, m.cfg)
+            raise
+    return [values.get(str(m.out)) for m in members]
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """One Hydra job, a group of one (`run_jobs`). A finished run is skipped before anything
+    else is checked (it needs no device, hub or cache), then `check_writable` and `preflight`
+    fail in seconds, before the SAE is built or the model loads. A user error ends as one
+    `error:` line and exit status 2; a bug records a failed result.json and keeps its
+    traceback. Ctrl-C is not caught here (`cli`): an interrupted run is neither failed nor
+    finished, and the same command resumes it."""
+    hc = HydraConfig.get()
+    choices = {g: hc.runtime.choices.get(g) for g in identity.CHOICE_GROUPS}
+    return run_jobs([Member(cfg, Path(hc.runtime.output_dir), choices)])[0]
 
 
 def cli() -> None:

@@ -30,11 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from baselines.base import SparseAutoencoder
-from baselines.foreign import safetensors_shapes
 from benchmark.cli_errors import first_line
 from benchmark.compose import CONF_DIR
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
+from interop.foreign import safetensors_shapes
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.yaml"
 
@@ -85,7 +85,9 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, node: DictConfig) -> Pa
 
 # A saved sae_config.yaml is a few hundred bytes; anything this large is not one.
 MAX_CONFIG_BYTES = 1 << 20
-TRUSTED_PACKAGES = ("baselines",)  # the suite's architectures
+# The suite's architectures, and its loaders of released formats (which define no SAE class:
+# a _target_ there must still name a SparseAutoencoder class).
+TRUSTED_PACKAGES = ("baselines", "interop")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -98,9 +100,10 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
        null, lists of them); no nested node, no `_args_`/`_partial_`/`_recursive_`/`_convert_`,
        no `${...}` interpolation.
     2. `_target_` is resolved without calling anything: its module must be part of the suite's
-       `baselines` package or named by a `_target_` of this checkout's conf/sae/*.yaml (configs
-       the user wrote), so no other module is imported, and the attribute must be a subclass
-       of `SparseAutoencoder`; the arguments must bind to its constructor's signature.
+       `baselines` or `interop` package or named by a `_target_` of this checkout's
+       conf/sae/*.yaml (configs the user wrote), so no other module is imported, and the
+       attribute must be a subclass of `SparseAutoencoder`; the arguments must bind to its
+       constructor's signature.
     3. The SAE is built on the meta device (no memory), and sae.safetensors's header (validated
        by safetensors: offsets inside the file, no oversize header) must hold exactly its
        tensor names and shapes; only then are the tensors read and the SAE built.
@@ -168,7 +171,7 @@ def _saved_class(target: Any, file: Path) -> type[SparseAutoencoder]:
     if not _trusted(module_name):
         raise ConfigError(
             f"{file}: _target_={target}: module {module_name} is refused: a saved SAE may name "
-            f"a class of the suite's {'/'.join(TRUSTED_PACKAGES)} package or of a module named "
+            f"a class of the suite's {' or '.join(TRUSTED_PACKAGES)} package or of a module named "
             f"by {CONF_DIR.name}/sae/*.yaml"
         )
     try:
@@ -183,7 +186,7 @@ def _saved_class(target: Any, file: Path) -> type[SparseAutoencoder]:
 
 
 def _trusted(module: str) -> bool:
-    """Part of the suite's architecture package, or named by the user's conf/sae/*.yaml."""
+    """Part of the suite's packages (TRUSTED_PACKAGES), or named by the user's conf/sae/*.yaml."""
     in_package = any(module == p or module.startswith(p + ".") for p in TRUSTED_PACKAGES)
     return in_package or module in _conf_modules()
 

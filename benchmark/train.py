@@ -42,10 +42,10 @@ import torch
 from torch import Tensor
 
 from baselines.base import SparseAutoencoder
-from baselines.foreign import PARSE_ERRORS, load_plain, refusal
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
 from benchmark.progress import Progress, progress
+from interop.foreign import PARSE_ERRORS, load_plain, refusal
 
 _log = logging.getLogger(__name__)  # `log` is train_sae's metrics callback
 

@@ -1,5 +1,6 @@
 """The code's shape against issue-21 limits: modules over 400 lines, functions over 80 lines,
-import cycles between `benchmark` modules, and private names (`_x`) imported across files.
+import cycles between the suite's modules (benchmark/, baselines/, interop/), and private names
+(`_x`) imported across files.
 
     python scripts/shape_check.py [--max-module 400] [--max-function 80] [--strict]
 
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("benchmark", "baselines")
+PACKAGES = ("benchmark", "baselines", "interop")
 
 
 def modules() -> dict[str, Path]:

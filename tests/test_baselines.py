@@ -17,11 +17,11 @@ from omegaconf import OmegaConf
 from torch.func import functional_call
 
 from baselines.base import SparseAutoencoder
-from baselines.foreign import suite_node
 from baselines.gated import GatedSAE
 from baselines.jumprelu import JumpReLUSAE
 from baselines.topk import TopKSAE
 from benchmark.saes import load_sae, sae_node, save_sae
+from interop.foreign import suite_node
 from tests.helpers import SAE_NAMES, compose_config, sae_from_conf
 
 D_IN, D_SAE = 12, 40

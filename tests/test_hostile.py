@@ -20,13 +20,13 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from baselines.dictionary_learning import load_dictionary_learning
-from baselines.gemma_scope import load_gemma_scope
-from baselines.saelens import load_saelens
 from baselines.topk import TopKSAE
 from benchmark.errors import ConfigError
 from benchmark.saes import load_sae, save_sae
 from benchmark.train import Sparsity, TrainConfig, Trainer, read_checkpoint
+from interop.dictionary_learning import load_dictionary_learning
+from interop.gemma_scope import load_gemma_scope
+from interop.saelens import load_saelens
 from tests.helpers import compose_config, one_error_line, run_cli
 
 D_IN, D_SAE = 8, 32
@@ -153,7 +153,7 @@ HOSTILE_NODES = {
         "interpolations are not resolved",
     ),
     "a function of the suite": (
-        {"_target_": "baselines.saelens.load_saelens", "path": "{victim}"},
+        {"_target_": "interop.saelens.load_saelens", "path": "{victim}"},
         "is not a SparseAutoencoder class",
     ),
     "an unknown argument": (

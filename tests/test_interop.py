@@ -2,7 +2,7 @@
 
 The files are written here, offline, from the formats' published definitions (Gemma Scope's
 tutorial, SAE-Lens 6.x's sae_lens/saes/*.py, dictionary_learning's dictionary.py): the reference
-forwards below restate those definitions and share no code with baselines/.
+forwards below restate those definitions and share no code with interop/.
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ from safetensors.torch import load_file, save_file
 from torch.nn.functional import relu
 
 from baselines.batchtopk import BatchTopKSAE
-from baselines.dictionary_learning import load_dictionary_learning
-from baselines.foreign import source_of, suite_node
 from baselines.gated import GatedSAE
-from baselines.gemma_scope import load_gemma_scope
 from baselines.jumprelu import JumpReLUSAE
 from baselines.relu import ReLUSAE
-from baselines.saelens import load_saelens
 from baselines.topk import TopKSAE
 from benchmark import export as export_cli
 from benchmark.saes import build_sae, load_sae, sae_node, save_sae
 from benchmark.validate import check_targets
+from interop import dictionary_learning as dl_module
+from interop import gemma_scope as gemma_module
+from interop import saelens as saelens_module
+from interop.dictionary_learning import load_dictionary_learning
+from interop.foreign import SUITE, build, source_of, suite_node
+from interop.gemma_scope import load_gemma_scope
+from interop.saelens import load_saelens
 from tests.helpers import compose_config
 
 D_IN, D_SAE, K = 12, 40, 10  # K: the TopK k (conf/sparsity/l0_10)
@@ -308,6 +311,24 @@ def test_dictionary_learning_refuses_unknown_classes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderNew"}}))
     with pytest.raises(ValueError, match="supported: AutoEncoder"):
         load_dictionary_learning(str(tmp_path))
+
+
+# --- the declarative maps -------------------------------------------------------------------
+LAYOUTS = {
+    **{f"saelens {n}": lay for n, lay in saelens_module.ARCHITECTURES.items()},
+    **{f"dictionary_learning {n}": lay for n, lay in dl_module.DICT_CLASSES.items()},
+    "gemma_scope": gemma_module.LAYOUT,
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_each_format_map_fills_every_tensor_of_its_suite_class(name):
+    """Each declared map names a suite architecture and sets every parameter and buffer of it,
+    nothing else: a loaded SAE holds no tensor left at its initialisation."""
+    layout = LAYOUTS[name]
+    assert layout.suite in SUITE
+    sae = build(layout.suite, D_IN, D_SAE, k=K)
+    assert list(layout.tensors) and set(layout.tensors) == set(sae.state_dict())
 
 
 # --- export: our SAE -> format -> our loader ----------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-PACKAGES = ("benchmark", "baselines", "hydra_plugins", "scripts")
+PACKAGES = ("benchmark", "baselines", "interop", "hydra_plugins", "scripts")
 
 # (file, function, what): each reviewed use, with why it does not read code from a file.
 ALLOWED = {
@@ -21,7 +21,7 @@ ALLOWED = {
     ("benchmark/saes.py", "build_sae", "instantiate"),
     ("benchmark/run.py", "start_logger", "instantiate"),  # the logger node of the composed config
     ("benchmark/validate.py", "check_target", "get_object"),  # pre-flight of the composed config
-    # A saved SAE's _target_: only modules of baselines/ or named by conf/sae/*.yaml, then
+    # A saved SAE's _target_: only modules of baselines/, interop/ or named by conf/sae/*.yaml, then
     # checked to be a SparseAutoencoder class before anything is called (load_sae).
     ("benchmark/saes.py", "_saved_class", "importlib.import_module"),
 }

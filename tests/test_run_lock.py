@@ -1,4 +1,5 @@
-"""One process per run folder (benchmark.runfolder.claim), each job's lines in its own run.log
+"""One process per run folder (benchmark.runfolder.claim), a fan-out group handed over once
+(benchmark.fanout.Group.value -> run.run_jobs), each job's lines in its own run.log
 (member_logs), a kill after the SAE was saved resuming at the evaluation (trained.json), no
 folder left by a refused run (remove_unused), result.json kept aside only for a rerun, and
 files written with the umask's mode (fileio.atomic_write, benchmark.export).
@@ -26,7 +27,7 @@ import benchmark.run as run_mod
 from benchmark import fanout, fileio
 from benchmark.errors import ConfigError
 from benchmark.results import read_result, write_result
-from benchmark.run import TRAINED, Member, run_alone, run_fanout
+from benchmark.run import TRAINED, Member, run_members
 from benchmark.runfolder import RUN_LOCK, claim, member_logs
 from tests.helpers import ROOT, compose_config, sae_from_conf
 
@@ -71,7 +72,7 @@ def test_a_folder_held_by_another_process_is_skipped_until_that_process_dies(
     holder = _holder(out)
     try:
         with caplog.at_level(logging.INFO, "benchmark.run"):
-            assert run_alone(cfg, out, {}) is None  # skipped at once, not waited for
+            assert run_members([Member(cfg, out, {})]) == [None]  # skipped, not waited for
     finally:
         holder.kill()  # SIGKILL: no release by the holder; the OS drops its flock
         holder.wait(timeout=30)
@@ -80,8 +81,8 @@ def test_a_folder_held_by_another_process_is_skipped_until_that_process_dies(
     assert skipped == ["[run] being run by another process: skipped"]
     assert not (out / "result.json").exists()
     # the holder was killed: its lock is free, the run is computed once, then skipped
-    assert run_alone(cfg, out, {}) == 0.5
-    assert run_alone(cfg, out, {}) == 0.5
+    assert run_members([Member(cfg, out, {})]) == [0.5]
+    assert run_members([Member(cfg, out, {})]) == [0.5]
     assert fake_run == [["run"]]
     assert list(out.glob("result.*.json")) == []
 
@@ -89,17 +90,38 @@ def test_a_folder_held_by_another_process_is_skipped_until_that_process_dies(
 def test_a_group_runs_only_the_members_it_could_claim(tmp_path, fake_run):
     cfg = _cfg(tmp_path)
     members = [Member(cfg, tmp_path / name, {}) for name in ("c", "a", "b")]
-    group = fanout.Group("k", members)
     holder = _holder(tmp_path / "a")
     try:
-        assert run_fanout(group, tmp_path / "c") == 0.5
-        assert run_fanout(group, tmp_path / "a") is None  # the other process's
-        assert run_fanout(group, tmp_path / "b") == 0.5
+        assert run_members(members, "k") == [0.5, None, 0.5]  # a: the other process's
     finally:
         holder.kill()
         holder.wait(timeout=30)
     assert fake_run == [["c", "b"]]  # launch order, one group of the two claimed
     assert not (tmp_path / "a" / "result.json").exists()
+
+
+def test_the_fanout_launcher_hands_each_group_to_run_jobs_once(tmp_path, monkeypatch):
+    """benchmark.fanout.Group.value, each grouped job's task: the first job of a group hands the
+    whole group to run.run_jobs; the others return their member's value, or its failure."""
+    calls = []
+
+    def run_jobs(members, key=None):
+        calls.append((key, [m.out.name for m in members]))
+        if key == "bad":
+            raise ValueError("boom")
+        return [0.5, None]
+
+    monkeypatch.setattr(run_mod, "run_jobs", run_jobs)
+    members = [Member(None, tmp_path / n, {}) for n in ("a", "b")]  # type: ignore[arg-type]
+    group = fanout.Group("k", members)
+    assert [group.value(tmp_path / "b"), group.value(tmp_path / "a")] == [None, 0.5]
+    assert calls == [("k", ["a", "b"])]
+    failed = fanout.Group("bad", members)
+    with pytest.raises(ValueError, match="boom"):  # the job that ran it: the failure itself
+        failed.value(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="its fan-out group bad failed: ValueError: boom"):
+        failed.value(tmp_path / "b")
+    assert len(calls) == 2
 
 
 def test_claims_are_released_and_a_job_listed_twice_is_claimed_once(tmp_path):
@@ -124,9 +146,9 @@ def test_a_refused_run_leaves_no_folder_and_the_report_lists_nothing(tmp_path):
     (lead / "run.log").write_text("")
     (kept / ".hydra").mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")  # a folder holding anything else stays
-    group = fanout.Group("k", [Member(bad, p, {}) for p in (lead, member, kept)])
+    members = [Member(bad, p, {}) for p in (lead, member, kept)]
     with pytest.raises(ConfigError, match=r"sparsity\.target_l0=100000 must be in \[1, d_sae="):
-        run_fanout(group, lead)
+        run_members(members, "k")
     assert sorted(p.name for p in root.iterdir()) == ["kept"]
     assert sorted(p.name for p in kept.iterdir()) == [".hydra", ".run.lock", "notes.txt"]
     (kept / ".hydra").rmdir()  # the report lists a folder with .hydra and no result
@@ -135,7 +157,7 @@ def test_a_refused_run_leaves_no_folder_and_the_report_lists_nothing(tmp_path):
     single = root / "single"
     (single / ".hydra").mkdir(parents=True)
     with pytest.raises(ConfigError):
-        run_alone(bad, single, {})
+        run_members([Member(bad, single, {})])
     assert not single.exists()
 
 
@@ -245,7 +267,7 @@ def test_a_run_killed_after_its_sae_was_saved_resumes_at_the_evaluation(tmp_path
     cfg = compose_config([*TINY, "sae=topk", "sparsity=l0_10", f"results_dir={tmp_path}",
                           f"cache_dir={ROOT / '.cache'}"])  # fmt: skip
     choices = {"sae": "topk", "sparsity": "l0_10"}
-    whole = run_mod.run_alone(cfg, tmp_path / "whole", choices)  # uninterrupted
+    whole = run_mod.run_members([Member(cfg, tmp_path / "whole", choices)])[0]  # uninterrupted
     reference = read_result(tmp_path / "whole")
     assert reference is not None and reference["delta_lm_loss"] == whole
     assert not (tmp_path / "whole" / TRAINED).exists()  # the record holds it now
@@ -265,7 +287,7 @@ def test_a_run_killed_after_its_sae_was_saved_resumes_at_the_evaluation(tmp_path
         mp.setattr(run_mod, "train_group", recording)
         mp.setattr(run_mod, "evaluate_stage", kill)
         with pytest.raises(Killed):
-            run_mod.run_alone(cfg, killed, choices)
+            run_mod.run_members([Member(cfg, killed, choices)])
     assert len(trained) == 1 and not (killed / "result.json").exists()
     assert {"sae.safetensors", "sae_config.yaml", "history.csv", TRAINED} <= {
         p.name for p in killed.iterdir()
@@ -283,7 +305,7 @@ def test_a_run_killed_after_its_sae_was_saved_resumes_at_the_evaluation(tmp_path
 
     monkeypatch.setattr(run_mod, "train_group", no_training)
     monkeypatch.setattr(run_mod.activations, "get_activation_stores", harvest)
-    assert run_mod.run_alone(cfg, killed, choices) == whole
+    assert run_mod.run_members([Member(cfg, killed, choices)]) == [whole]
     assert splits == ["eval"]  # not even the training split was opened
     resumed = read_result(killed)
     assert resumed is not None and resumed["status"] == "complete"

@@ -202,9 +202,9 @@ def test_evaluate_only_runs_of_each_foreign_format_join_the_report(sweep):
     evaluated and reported beside the trained runs."""
     import torch
 
-    from baselines.gemma_scope import write_gemma_scope
     from baselines.jumprelu import JumpReLUSAE
     from benchmark.saes import load_sae
+    from interop.gemma_scope import write_gemma_scope
 
     tmp, _, _ = sweep
     run_dir = sorted((tmp / "results" / "smoke").glob("*topk_l0_10*"))[0]

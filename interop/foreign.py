@@ -12,6 +12,11 @@ BatchTopKSAE) whose outputs equal the foreign formula (each loader's docstring g
 so it is evaluated by the suite's metrics with no special case. It reads raw activations of the
 hooked site (no input normalisation): the released formats store weights in activation units.
 
+Each format declares its weights as data, not as branches: a table from the format's own name
+of an architecture to a `Layout` (the suite architecture it becomes, and {suite tensor: Rule},
+a Rule being the file's tensor name, copied, or one of the exact transforms below), applied by
+`map_tensors` in the table's order.
+
 Files are data: every loader parses its files (JSON, safetensors, `torch.load(weights_only=True)`,
 npz without pickles) and `reading` turns whatever a damaged, truncated or hostile file raises
 into one ValueError that names the file.
@@ -25,8 +30,9 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -51,6 +57,54 @@ SUITE: dict[str, type[SparseAutoencoder]] = {
     "gated": GatedSAE,
     "relu": ReLUSAE,
 }
+
+
+# How one suite tensor is made from a file's tensors `w` and its config `cfg`: the name of a
+# tensor of the file (copied as is) or a function of both (`transposed`, `folded`, ...).
+Rule = str | Callable[[Mapping[str, Tensor], Mapping[str, Any]], Tensor]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one architecture of a released format loads: `suite`, the suite architecture it
+    becomes (a key of SUITE); `tensors`, {suite parameter or buffer: Rule}; `prepare`, an exact
+    rewrite of the file's tensors applied before the rules (None: none)."""
+
+    suite: str
+    tensors: Mapping[str, Rule]
+    prepare: Callable[[dict[str, Tensor], Mapping[str, Any]], dict[str, Tensor]] | None = None
+
+
+def map_tensors(
+    layout: Layout, w: Mapping[str, Tensor], cfg: Mapping[str, Any] | None = None
+) -> dict[str, Tensor]:
+    """The suite's tensors of `layout` from the file's tensors `w` (and its config `cfg`), in
+    the layout's order (a missing tensor raises KeyError naming it)."""
+    cfg = cfg or {}
+    if layout.prepare is not None:
+        w = layout.prepare(dict(w), cfg)
+    return {k: w[r] if isinstance(r, str) else r(w, cfg) for k, r in layout.tensors.items()}
+
+
+def transposed(name: str) -> Rule:
+    """An nn.Linear weight, stored (out, in), as the suite's (in, out)."""
+    return lambda w, cfg: w[name].t()
+
+
+def folded(bias: str, weight: str = "W_enc") -> Rule:
+    """The suite's encoder bias for a file whose encoder reads x without subtracting b_dec
+    (`fold_input_bias` of the file's `weight`, `bias` and b_dec)."""
+    return lambda w, cfg: fold_input_bias(w[weight], w[bias], w["b_dec"])
+
+
+def clamped_threshold(name: str) -> Rule:
+    """A foreign JumpReLU threshold as the suite's (`jumprelu_threshold`)."""
+    return lambda w, cfg: jumprelu_threshold(w[name])
+
+
+def scalar(name: str) -> Rule:
+    """A one-element tensor as a 0-d one (BatchTopK's global threshold)."""
+    return lambda w, cfg: w[name].reshape(())
 
 
 def local_files(path: str | Path, names: Sequence[str]) -> list[Path]:
@@ -156,14 +210,16 @@ def check_sizes(fmt: str, d_in: int | None, d_sae: int | None, found: tuple[int,
 
 
 def build(architecture: str, d_in: int, d_sae: int, k: int | None = None) -> SparseAutoencoder:
-    """A fresh suite SAE of `architecture` (a key of SUITE), weights to be copied in."""
+    """A fresh suite SAE of `architecture` (a key of SUITE), weights to be copied in; a TopK
+    class (TopK, BatchTopK) takes the file's k."""
     if architecture not in SUITE:
         raise ValueError(f"architecture={architecture!r}; the suite has {', '.join(SUITE)}")
-    if architecture in ("topk", "batchtopk"):
+    cls = SUITE[architecture]
+    if issubclass(cls, TopKSAE):
         if k is None:
             raise ValueError(f"architecture={architecture} needs k")
-        return SUITE[architecture](d_in, d_sae, k=int(k))  # type: ignore[call-arg]
-    return SUITE[architecture](d_in, d_sae)
+        return cls(d_in, d_sae, k=int(k))
+    return cls(d_in, d_sae)
 
 
 def fresh(

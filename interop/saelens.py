@@ -22,11 +22,15 @@ run-time transform in SAE-Lens's forward) load; "constant_norm_rescale" and "lay
 normalise each token at run time, which no suite architecture does, and are refused. Configs
 from before 6.0 (hook_point, activation_fn "topk" with activation_fn_kwargs.k) are read too.
 SAE-Lens saves a trained BatchTopK SAE as a jumprelu; the suite's BatchTopK is written so too.
+The maps are data: `ARCHITECTURES` (SAE-Lens architecture -> `foreign.Layout`, for reading)
+and `WRITTEN_AS` (suite class -> SAE-Lens architecture, tensors and fields, for writing).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,13 @@ from torch import Tensor
 
 from baselines.base import SparseAutoencoder
 from baselines.batchtopk import BatchTopKSAE
-from baselines.foreign import (
+from baselines.gated import GatedSAE
+from baselines.jumprelu import JumpReLUSAE
+from baselines.relu import ReLUSAE
+from baselines.topk import TopKSAE
+from interop.foreign import (
+    Layout,
+    Rule,
     assign,
     build,
     check_sizes,
@@ -44,20 +54,60 @@ from baselines.foreign import (
     fresh,
     jumprelu_threshold,
     local_files,
+    map_tensors,
     reading,
     record_source,
     safetensors_shapes,
 )
-from baselines.gated import GatedSAE
-from baselines.jumprelu import JumpReLUSAE
-from baselines.relu import ReLUSAE
-from baselines.topk import TopKSAE
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SAELENS_VERSION = "6.18.0"  # the version whose source this layout was checked against
-# SAE-Lens architecture -> the suite's.
-SUITE_NAME = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk", "gated": "gated"}
 IDENTITY_NORMS = ("none", "expected_average_only_in")
+
+
+def encoder_bias(bias: str, weight: Callable[[Mapping[str, Tensor]], Tensor] | None = None) -> Rule:
+    """An encoder bias: copied when cfg.json's apply_b_dec_to_input (default true), else b_dec
+    folded in through the matrix it multiplies (`weight(w)`, default W_enc)."""
+
+    def rule(w: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> Tensor:
+        if bool(cfg.get("apply_b_dec_to_input", True)):
+            return w[bias]
+        return fold_input_bias(w["W_enc"] if weight is None else weight(w), w[bias], w["b_dec"])
+
+    return rule
+
+
+def _magnitude_encoder(w: Mapping[str, Tensor]) -> Tensor:
+    return w["W_enc"] * w["r_mag"].exp()
+
+
+def _threshold(w: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> Tensor:
+    """`threshold`, or `log_threshold` (earlier training code), as the suite's threshold."""
+    return jumprelu_threshold(w["threshold"] if "threshold" in w else w["log_threshold"].exp())
+
+
+def _rescaled(w: dict[str, Tensor], cfg: Mapping[str, Any]) -> dict[str, Tensor]:
+    """rescale_acts_by_decoder_norm folded into W_enc, b_enc and W_dec (exact)."""
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        norms = w["W_dec"].norm(dim=-1)  # (d_sae,)
+        w |= {"W_enc": w["W_enc"] * norms, "b_enc": w["b_enc"] * norms}
+        w["W_dec"] = w["W_dec"] / norms[:, None]
+    return w
+
+
+# SAE-Lens architecture -> the suite's, with the exact weight map of the module docstring.
+COPIED = {"W_dec": "W_dec", "b_dec": "b_dec", "W_enc": "W_enc"}  # the same in every one
+ARCHITECTURES: dict[str, Layout] = {
+    "standard": Layout("relu", {**COPIED, "b_enc": encoder_bias("b_enc")}),
+    "jumprelu": Layout(
+        "jumprelu", {**COPIED, "b_enc": encoder_bias("b_enc"), "raw_threshold": _threshold}
+    ),
+    "topk": Layout("topk", {**COPIED, "b_enc": encoder_bias("b_enc")}, prepare=_rescaled),
+    "gated": Layout("gated", {
+        **COPIED, "r_mag": "r_mag", "b_gate": encoder_bias("b_gate"),
+        "b_mag": encoder_bias("b_mag", _magnitude_encoder),
+    }),
+}  # fmt: skip
 
 
 def load_saelens(
@@ -78,9 +128,10 @@ def load_saelens(
     cfg_file, weights_file = local_files(path, [CFG, WEIGHTS])
     with reading(cfg_file, "SAE-Lens cfg.json"):
         cfg = json.loads(cfg_file.read_text())
-        arch, k_file, meta = _read_cfg(cfg)
-        if architecture is not None and architecture != arch:
-            raise ValueError(f"architecture {arch!r}, but sae.architecture={architecture}")
+        name, k_file, meta = _read_cfg(cfg)
+        layout = ARCHITECTURES[name]
+        if architecture is not None and architecture != layout.suite:
+            raise ValueError(f"architecture {layout.suite!r}, but sae.architecture={architecture}")
         found = (int(cfg["d_in"]), int(cfg["d_sae"]))
         check_sizes("SAE-Lens", d_in, d_sae, found)
     with reading(weights_file, "SAE-Lens weights file"):
@@ -89,8 +140,10 @@ def load_saelens(
         if shape != found:
             raise ValueError(f"W_enc has shape {shape}, but {CFG} says d_in x d_sae = {found}")
         w = {name: t.float() for name, t in load_file(weights_file).items()}
-        sae = build(arch, *found, k=k_file)
-        assign(sae, _suite_tensors(arch, w, cfg))
+        sae = build(layout.suite, *found, k=k_file)
+        if "scaling_factor" in w and not torch.all(w["scaling_factor"] == 1):
+            raise ValueError("SAE-Lens finetuning scaling_factor is not supported")
+        assign(sae, map_tensors(layout, w, cfg))
     source = {
         "format": "saelens", "path": str(path), "folder": str(cfg_file.parent),
         "architecture": cfg.get("architecture", "standard"), "d_in": found[0], "d_sae": found[1],
@@ -101,7 +154,7 @@ def load_saelens(
 
 
 def _read_cfg(cfg: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
-    """(suite architecture, k, metadata) of a cfg.json, 6.x or earlier."""
+    """(SAE-Lens architecture, k, metadata) of a cfg.json, 6.x or earlier."""
     meta = dict(cfg.get("metadata") or {})
     for key in ("hook_name", "model_name", "sae_lens_version"):  # top level before 6.0
         meta.setdefault(
@@ -113,9 +166,9 @@ def _read_cfg(cfg: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
         arch, k = "topk", (cfg.get("activation_fn_kwargs") or {}).get("k", k)
     elif act not in (None, "relu"):
         raise ValueError(f"SAE-Lens activation_fn={act!r}: only relu and topk are supported")
-    if arch not in SUITE_NAME:
+    if arch not in ARCHITECTURES:
         raise ValueError(
-            f"SAE-Lens architecture={arch!r}: supported {', '.join(SUITE_NAME)} "
+            f"SAE-Lens architecture={arch!r}: supported {', '.join(ARCHITECTURES)} "
             "(SAE-Lens saves BatchTopK SAEs as jumprelu)"
         )
     norm = cfg.get("normalize_activations") or "none"
@@ -126,65 +179,56 @@ def _read_cfg(cfg: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
             f"SAE-Lens normalize_activations={norm!r} rescales each token at run time, which "
             f"the suite's architectures do not; supported: {', '.join(IDENTITY_NORMS)}"
         )
-    return SUITE_NAME[arch], (int(k) if k is not None else None), meta
+    return arch, (int(k) if k is not None else None), meta
 
 
-def _suite_tensors(arch: str, w: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
-    """SAE-Lens tensors -> the suite's parameter names, with the exact folds of the docstring."""
-    if "scaling_factor" in w and not torch.all(w["scaling_factor"] == 1):
-        raise ValueError("SAE-Lens finetuning scaling_factor is not supported")
-    W_enc, W_dec, b_dec = w["W_enc"], w["W_dec"], w["b_dec"]
-    out = {"W_dec": W_dec, "b_dec": b_dec, "W_enc": W_enc}
-    centred = bool(cfg.get("apply_b_dec_to_input", True))
-    if arch == "gated":
-        W_mag = W_enc * w["r_mag"].exp()
-        out["r_mag"] = w["r_mag"]
-        out["b_gate"] = w["b_gate"] if centred else fold_input_bias(W_enc, w["b_gate"], b_dec)
-        out["b_mag"] = w["b_mag"] if centred else fold_input_bias(W_mag, w["b_mag"], b_dec)
-        return out
-    b_enc = w["b_enc"]
-    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
-        norms = W_dec.norm(dim=-1)  # (d_sae,)
-        W_enc, b_enc, out["W_dec"] = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
-        out["W_enc"] = W_enc
-    out["b_enc"] = b_enc if centred else fold_input_bias(W_enc, b_enc, b_dec)
-    if arch == "jumprelu":
-        theta = w["threshold"] if "threshold" in w else w["log_threshold"].exp()
-        out["raw_threshold"] = jumprelu_threshold(theta)
-    return out
+@dataclass(frozen=True)
+class Written:
+    """How a suite class is written: the SAE-Lens `architecture`, its `tensors` beside W_enc,
+    W_dec and b_dec, and its `fields` of cfg.json beside SAEConfig's common ones."""
+
+    cls: type[SparseAutoencoder]
+    architecture: str
+    tensors: Callable[[Any], dict[str, Tensor]]
+    fields: Callable[[Any], dict[str, Any]] = field(default=lambda sae: {})
+
+
+# The suite's classes -> SAE-Lens's; the first class the SAE is an instance of is used
+# (BatchTopK and Matryoshka BatchTopK, subclasses of TopK, infer as a JumpReLU with one shared
+# threshold).
+WRITTEN_AS = (
+    Written(BatchTopKSAE, "jumprelu", lambda sae: {
+        "b_enc": sae.b_enc, "threshold": sae.threshold.clamp_min(0.0).expand(sae.d_sae)}),
+    Written(TopKSAE, "topk", lambda sae: {"b_enc": sae.b_enc},
+            lambda sae: {"k": sae.k, "rescale_acts_by_decoder_norm": False}),
+    Written(JumpReLUSAE, "jumprelu", lambda sae: {"b_enc": sae.b_enc, "threshold": sae.threshold}),
+    Written(GatedSAE, "gated", lambda sae: {
+        "b_gate": sae.b_gate, "b_mag": sae.b_mag, "r_mag": sae.r_mag}),
+    Written(ReLUSAE, "standard", lambda sae: {"b_enc": sae.b_enc}),
+)  # fmt: skip
 
 
 @torch.no_grad()
 def write_saelens(
     sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any]
 ) -> tuple[Path, Path]:
-    """Write a suite SAE as SAE-Lens 6.x would save its inference SAE; `metadata` holds at least
-    hook_name and model_name. Returns (cfg.json, sae_weights.safetensors)."""
-    W_enc, W_dec, b_dec = sae.W_enc, sae.W_dec, sae.b_dec
-    extra: dict[str, Any] = {}
-    if isinstance(sae, BatchTopKSAE):  # inference: a JumpReLU with one shared threshold
-        arch, w = "jumprelu", {"b_enc": sae.b_enc, "threshold": sae.threshold.clamp_min(0.0)}
-        w["threshold"] = w["threshold"].expand(sae.d_sae)
-    elif isinstance(sae, TopKSAE):
-        arch, w = "topk", {"b_enc": sae.b_enc}
-        extra = {"k": sae.k, "rescale_acts_by_decoder_norm": False}
-    elif isinstance(sae, JumpReLUSAE):
-        arch, w = "jumprelu", {"b_enc": sae.b_enc, "threshold": sae.threshold}
-    elif isinstance(sae, GatedSAE):
-        arch, w = "gated", {"b_gate": sae.b_gate, "b_mag": sae.b_mag, "r_mag": sae.r_mag}
-    elif isinstance(sae, ReLUSAE):
-        arch, w = "standard", {"b_enc": sae.b_enc}
-    else:
+    """Write a suite SAE as SAE-Lens 6.x would save its inference SAE (`WRITTEN_AS`);
+    `metadata` holds at least hook_name and model_name. Returns (cfg.json,
+    sae_weights.safetensors)."""
+    written = next((x for x in WRITTEN_AS if isinstance(sae, x.cls)), None)
+    if written is None:
         raise TypeError(f"no SAE-Lens architecture for {type(sae).__name__}")
     hook = str(metadata.get("hook_name") or "")
     cfg = {
-        "architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "reshape_activations": "hook_z" if hook.endswith("hook_z") else "none", **extra,
+        "architecture": written.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z" if hook.endswith("hook_z") else "none",
+        **written.fields(sae),
         "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
                      "hook_head_index": None, "prepend_bos": True, **metadata},
     }  # fmt: skip
-    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec, **w}
+    tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec, **written.tensors(sae)}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(

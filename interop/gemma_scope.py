@@ -10,32 +10,50 @@ The suite's JumpReLUSAE computes pre = (x - b_dec) W_enc + b_enc', so b_enc' = b
 (`foreign.fold_input_bias`); W_enc, W_dec, b_dec are copied and theta = max(threshold, 0)
 (equal to the ReLU-and-mask above). Writing inverts the fold. On the hub the residual-stream
 SAEs of Gemma 2 9B are `hf://google/gemma-scope-9b-pt-res/layer_<L>/width_<W>/average_l0_<N>/
-params.npz`; layer L reads `blocks.<L>.hook_resid_post`.
+params.npz`; layer L reads `blocks.<L>.hook_resid_post`. The maps are data: `LAYOUT` (reading,
+a `foreign.Layout`) and `THRESHOLDS` (the suite classes written, with their threshold).
 """
 
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from baselines.batchtopk import BatchTopKSAE
-from baselines.foreign import (
+from baselines.jumprelu import JumpReLUSAE
+from interop.foreign import (
+    Layout,
+    assign,
     check_sizes,
-    fold_input_bias,
+    clamped_threshold,
+    folded,
     fresh,
-    jumprelu_threshold,
     local_files,
+    map_tensors,
     reading,
     record_source,
     unfold_input_bias,
 )
-from baselines.jumprelu import JumpReLUSAE
 
 PARAMS = "params.npz"
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+# params.npz -> the suite's JumpReLUSAE (threshold_param="direct"), exact (module docstring).
+LAYOUT = Layout("jumprelu", {
+    "W_enc": "W_enc", "W_dec": "W_dec", "b_dec": "b_dec", "b_enc": folded("b_enc"),
+    "raw_threshold": clamped_threshold("threshold"),
+})  # fmt: skip
+# The suite classes the format holds -> their per-latent threshold; the first class the SAE is
+# an instance of is used (BatchTopK infers as a JumpReLU with one shared threshold).
+THRESHOLDS: tuple[tuple[type[JumpReLUSAE | BatchTopKSAE], Callable[[Any], Tensor]], ...] = (
+    (BatchTopKSAE, lambda sae: sae.threshold.clamp_min(0.0).expand(sae.d_sae)),
+    (JumpReLUSAE, lambda sae: sae.threshold),
+)
 
 
 def load_gemma_scope(
@@ -54,12 +72,7 @@ def load_gemma_scope(
         check_sizes("Gemma Scope", d_in, d_sae, found)
         with np.load(file, allow_pickle=False) as npz:  # arrays only, never pickled objects
             p = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in KEYS}
-    sae = JumpReLUSAE(*found, threshold_param="direct")
-    with torch.no_grad():
-        for name in ("W_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(p[name])
-        sae.b_enc.copy_(fold_input_bias(p["W_enc"], p["b_enc"], p["b_dec"]))
-        sae.raw_threshold.copy_(jumprelu_threshold(p["threshold"]))
+    sae = assign(JumpReLUSAE(*found, threshold_param="direct"), map_tensors(LAYOUT, p))
     source = {"format": "gemma_scope", "path": str(path), "file": str(file)}
     return record_source(sae.eval(), {**source, "d_in": found[0], "d_sae": found[1]})  # type: ignore[return-value]
 
@@ -97,12 +110,10 @@ def _checked_shapes(file: Path) -> tuple[int, int]:
 def write_gemma_scope(sae: JumpReLUSAE | BatchTopKSAE, file: str | Path) -> Path:
     """Write a suite JumpReLU (or BatchTopK, whose inference is a JumpReLU with one threshold)
     as a Gemma Scope params.npz that reproduces its outputs with Gemma Scope's formula."""
-    if isinstance(sae, BatchTopKSAE):
-        threshold = sae.threshold.clamp_min(0.0).expand(sae.d_sae)
-    elif isinstance(sae, JumpReLUSAE):
-        threshold = sae.threshold
-    else:
+    of = next((of for cls, of in THRESHOLDS if isinstance(sae, cls)), None)
+    if of is None:
         raise TypeError(f"Gemma Scope's format holds JumpReLU SAEs, not {type(sae).__name__}")
+    threshold = of(sae)
     W_enc, b_dec = sae.W_enc.detach().float().cpu(), sae.b_dec.detach().float().cpu()
     arrays: dict[str, torch.Tensor] = {
         "W_enc": W_enc,

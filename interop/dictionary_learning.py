@@ -21,37 +21,49 @@ Every map is exact (JumpReLU: b_dec folded into b_enc, theta = max(threshold, 0)
 dictionary's own forward is reproduced as is: `from_pretrained`'s optional decoder
 normalisation of AutoEncoder (which rescales f, not x_hat) is not applied. Other classes
 (AutoEncoderNew, MatryoshkaBatchTopKSAE, crosscoders) are refused with the supported list.
+The map is data: `DICT_CLASSES`, dict_class -> `foreign.Layout`.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from torch import Tensor
 
 from baselines.base import SparseAutoencoder
-from baselines.foreign import (
+from interop.foreign import (
+    Layout,
     assign,
     build,
     check_sizes,
-    fold_input_bias,
+    clamped_threshold,
+    folded,
     fresh,
-    jumprelu_threshold,
     load_plain,
     local_files,
+    map_tensors,
     reading,
     record_source,
+    scalar,
+    transposed,
 )
 
 AE, CONFIG = "ae.pt", "config.json"
-SUITE_NAME = {
-    "AutoEncoder": "relu",
-    "GatedAutoEncoder": "gated",
-    "JumpReluAutoEncoder": "jumprelu",
-    "AutoEncoderTopK": "topk",
-    "BatchTopKSAE": "batchtopk",
-}
+# nn.Linear encoder and decoder, stored (out, in).
+LINEAR = {"W_enc": transposed("encoder.weight"), "W_dec": transposed("decoder.weight")}
+TOPK = {**LINEAR, "b_enc": "encoder.bias", "b_dec": "b_dec"}
+# dictionary_learning's dict_class -> the suite's, with the exact map of the module docstring.
+DICT_CLASSES: dict[str, Layout] = {
+    "AutoEncoder": Layout("relu", {**LINEAR, "b_enc": "encoder.bias", "b_dec": "bias"}),
+    "GatedAutoEncoder": Layout("gated", {
+        **LINEAR, "b_dec": "decoder_bias", "b_gate": "gate_bias", "b_mag": "mag_bias",
+        "r_mag": "r_mag",
+    }),
+    "JumpReluAutoEncoder": Layout("jumprelu", {
+        "W_enc": "W_enc", "W_dec": "W_dec", "b_dec": "b_dec", "b_enc": folded("b_enc"),
+        "raw_threshold": clamped_threshold("threshold"),
+    }),
+    "AutoEncoderTopK": Layout("topk", TOPK),
+    "BatchTopKSAE": Layout("batchtopk", {**TOPK, "threshold": scalar("threshold")}),
+}  # fmt: skip
 
 
 def load_dictionary_learning(
@@ -72,21 +84,21 @@ def load_dictionary_learning(
     with reading(cfg_file, "dictionary_learning config.json"):
         trainer = json.loads(cfg_file.read_text()).get("trainer", {})
         dict_class = trainer.get("dict_class")
-        if dict_class not in SUITE_NAME:
-            raise ValueError(f"dict_class={dict_class!r}; supported: {', '.join(SUITE_NAME)}")
-        arch = SUITE_NAME[dict_class]
-        if architecture is not None and architecture != arch:
-            raise ValueError(f"{dict_class} is {arch}, but sae.architecture={architecture}")
+        if dict_class not in DICT_CLASSES:
+            raise ValueError(f"dict_class={dict_class!r}; supported: {', '.join(DICT_CLASSES)}")
+        layout = DICT_CLASSES[dict_class]
+        if architecture is not None and architecture != layout.suite:
+            raise ValueError(f"{dict_class} is {layout.suite}, but sae.architecture={architecture}")
     with reading(ae_file, "dictionary_learning ae.pt"):
         # Tensors and plain containers only: a pickled object (code) is refused, never run.
         state = load_plain(ae_file)
         state = state.get("ae", state)  # a mid-training backup nests the state dict under "ae"
         w = {name: t.float() for name, t in state.items() if name != "k"}
-        tensors = _suite_tensors(arch, w)
+        tensors = map_tensors(layout, w)
         found = (tensors["W_enc"].shape[0], tensors["W_enc"].shape[1])
         check_sizes("dictionary_learning", d_in, d_sae, found)
         k_file = trainer.get("k", int(state["k"]) if "k" in state else None)
-        sae = assign(build(arch, *found, k=k_file), tensors)
+        sae = assign(build(layout.suite, *found, k=k_file), tensors)
     source = {
         "format": "dictionary_learning", "path": str(path), "folder": str(cfg_file.parent),
         "dict_class": dict_class, "d_in": found[0], "d_sae": found[1],
@@ -94,26 +106,3 @@ def load_dictionary_learning(
         "submodule_name": trainer.get("submodule_name"),
     }  # fmt: skip
     return record_source(sae.eval(), source)
-
-
-def _suite_tensors(arch: str, w: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The dictionary's state dict -> the suite's parameter names (see the module docstring)."""
-    if arch == "jumprelu":
-        return {
-            "W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"],
-            "b_enc": fold_input_bias(w["W_enc"], w["b_enc"], w["b_dec"]),
-            "raw_threshold": jumprelu_threshold(w["threshold"]),
-        }  # fmt: skip
-    W_enc, W_dec = w["encoder.weight"].t(), w["decoder.weight"].t()  # (d_in, d_sae), (d_sae, d_in)
-    if arch == "relu":
-        return {"W_enc": W_enc, "W_dec": W_dec, "b_enc": w["encoder.bias"], "b_dec": w["bias"]}
-    if arch == "gated":
-        return {
-            "W_enc": W_enc, "W_dec": W_dec, "b_dec": w["decoder_bias"],
-            "b_gate": w["gate_bias"], "b_mag": w["mag_bias"], "r_mag": w["r_mag"],
-        }  # fmt: skip
-    out: dict[str, Any] = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": w["encoder.bias"]}
-    out["b_dec"] = w["b_dec"]
-    if arch == "batchtopk":
-        out["threshold"] = w["threshold"].reshape(())
-    return out
