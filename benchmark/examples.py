@@ -63,29 +63,47 @@ class Scan:
 
 
 @torch.inference_mode()
-def scan(lm: Any, sae: Any, tokens: Tensor, hook: str, batch_size: int = 8) -> Scan:
-    """Run the model to `hook` and the SAE on every window; keep the nonzero activations."""
-    device = next(sae.parameters()).device
-    mask = data.non_special_mask(tokens, lm.tokenizer)  # (N, T)
-    T, rows, cols, vals = tokens.shape[1], [], [], []
+def hook_activations(lm: Any, tokens: Tensor, hook: str, batch_size: int = 8) -> Tensor:
+    """(n_windows, T, d_in) float32 activations at `hook` for every window (the model run
+    only up to the hooked layer); hook_z is flattened over heads."""
     captured: dict[str, Tensor] = {}
 
     def capture(act: Tensor, hook: Any = None) -> None:
-        captured["x"] = act.reshape(*act.shape[:2], -1)  # (B, T, d_in); hook_z flattened
+        captured["x"] = act.reshape(*act.shape[:2], -1)  # (B, T, d_in)
 
+    device, out = next(iter(lm.parameters())).device, []
     for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size]
-        lm.run_with_hooks(batch.to(device), fwd_hooks=[(hook, capture)],
-                          stop_at_layer=hook_layer(hook) + 1, return_type=None)  # fmt: skip
-        x = captured["x"]  # (B, T, d_in); the SAE reads rows, as in training and evaluation
-        f = sae(x.reshape(-1, x.shape[-1]).float()).f.reshape(*x.shape[:2], -1).cpu()
-        f = f * mask[start : start + batch_size, :, None]  # BOS/EOS/pad never count
+        lm.run_with_hooks(tokens[start : start + batch_size].to(device),
+                          fwd_hooks=[(hook, capture)], stop_at_layer=hook_layer(hook) + 1,
+                          return_type=None)  # fmt: skip
+        out.append(captured["x"].float().cpu())
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def scan_activations(x: Tensor, sae: Any, tokens: Tensor, tokenizer: Any,
+                     batch_size: int = 8) -> Scan:  # fmt: skip
+    """The SAE on activations `x` (n_windows, T, d_in) of `tokens`; keeps the nonzero codes.
+    BOS/EOS/pad positions are set to 0 (the suite never scores them)."""
+    device = next(sae.parameters()).device
+    mask = data.non_special_mask(tokens, tokenizer)  # (N, T)
+    T, rows, cols, vals = tokens.shape[1], [], [], []
+    for start in range(0, len(tokens), batch_size):
+        xb = x[start : start + batch_size].to(device)  # the SAE reads rows, as in training
+        f = sae(xb.reshape(-1, xb.shape[-1])).f.reshape(*xb.shape[:2], -1).cpu()
+        f = f * mask[start : start + batch_size, :, None]
         b, t, latent = torch.nonzero(f > 0, as_tuple=True)
         rows.append((start + b) * T + t)
         cols.append(latent)
         vals.append(f[b, t, latent])
     return Scan(tokens, torch.cat(rows), torch.cat(cols), torch.cat(vals).float(),
                 int(mask.sum()), sae.d_sae)  # fmt: skip
+
+
+def scan(lm: Any, sae: Any, tokens: Tensor, hook: str, batch_size: int = 8) -> Scan:
+    """Run the model to `hook` and the SAE on every window; keep the nonzero activations."""
+    x = hook_activations(lm, tokens, hook, batch_size)
+    return scan_activations(x, sae, tokens, lm.tokenizer, batch_size)
 
 
 def choose_latents(s: Scan, latents: Sequence[int] | None, top: int | None,

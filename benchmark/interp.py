@@ -8,7 +8,8 @@
 Per complete run under RESULTS_DIR (or one run's folder), the method of Bills et al. (2023),
 which the paper's automated study uses (PAPER.md; the models are `benchmark.interp_llm`'s):
 1. Scan: the first --n-tokens non-special tokens of the run's held-out split (the windows
-   `benchmark.examples` scans, the split training never reads), f = sae(x).f at every position.
+   `benchmark.examples` scans, the split training never reads), f = sae(x).f at every position;
+   the activations at a hook are computed once and shared by every run at that hook.
 2. Sample latents among those that fired: `stratified` (default) takes the same number from each
    firing-frequency band (decades: 1e-5..1e-4, ..., 1e-1..1) as far as a band has latents, the
    rest from the others; `uniform` draws among all of them. Seeded (--seed).
@@ -45,10 +46,11 @@ from typing import Any
 
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from benchmark import cli_errors, data, interp_llm, models
-from benchmark.examples import Scan, scan
+from benchmark.examples import Scan, hook_activations, scan_activations
 from benchmark.fileio import write_json_atomic
 from benchmark.probe import Run, find_runs, one_int
 from benchmark.saes import load_sae
@@ -233,33 +235,39 @@ def interp(results_dir: str | Path, settings: Settings | None = None, *,
     lms = {o: interp_llm.load_lm(s, Path(runs[0].cache_dir), dev) for o, s in sources.items()}
     rows: list[dict] = []
     loaded: dict[str, Any] = {}  # the activation model of the runs being scored (one at a time)
+    held_out: dict[str, tuple[Tensor, Tensor]] = {}  # (tokens, activations) of one hook and split
     for run in sorted(runs, key=lambda r: (_model_key(r), r.hook, str(r.folder))):
         key = _model_key(run)
         if key not in loaded:
             loaded.clear()
             loaded[key] = models.load_model(run.model_cfg, dev, run.cache_dir)
         rows += score_run(run, loaded[key], lms["--explainer"], lms["--simulator"], cache, st,
-                          dev, batch_size, log)  # fmt: skip
+                          dev, batch_size, log, held_out)  # fmt: skip
     frame = pd.DataFrame(rows, columns=[*CSV_COLUMNS])
     write_outputs(frame, out_dir, root, st, sources, cache, len(runs), dev, start)
     return frame
 
 
 def _model_key(run: Run) -> str:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_yaml(run.model_cfg) + run.cache_dir
 
 
 def score_run(run: Run, lm: Any, explainer: Any, simulator: Any, cache: interp_llm.Cache,
-              st: Settings, dev: torch.device, batch_size: int, log: Any) -> list[dict]:  # fmt: skip
+              st: Settings, dev: torch.device, batch_size: int, log: Any,
+              held_out: dict[str, tuple[Tensor, Tensor]]) -> list[dict]:  # fmt: skip
     """The rows of one run (`lm` its activation model): scan its held-out split, sample, score
-    each latent."""
+    each latent. The split's activations at the hook are computed once and kept in
+    `held_out` for the next run at the same hook and data (runs come sorted by hook)."""
     t0, r = time.perf_counter(), run.record
     cfg = cli_errors.read_yaml_mapping(run.folder / "config.yaml")
-    tokens = data.token_windows(cfg.data, lm.tokenizer, "eval", st.n_tokens, allow_fewer=True)
+    key = f"{run.hook}\n{OmegaConf.to_yaml(cfg.data)}"
+    if key not in held_out:
+        held_out.clear()
+        tokens = data.token_windows(cfg.data, lm.tokenizer, "eval", st.n_tokens, allow_fewer=True)
+        held_out[key] = (tokens, hook_activations(lm, tokens, run.hook, batch_size))
+    tokens, x = held_out[key]
     sae = load_sae(run.folder, dev).eval()
-    s = scan(lm, sae, tokens, run.hook, batch_size)
+    s = scan_activations(x, sae, tokens, lm.tokenizer, batch_size)
     latents = sample_latents(s.frequency(), st.n_latents, st.sampling, st.seed)
     base = {"run_id": r["run_id"], "sae": r["sae"], "target_l0": r["target_l0"], "l0": r["l0"],
             "seed": r["seed"], "model": r["model"], "hook": run.hook,

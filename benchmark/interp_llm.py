@@ -36,6 +36,7 @@ recomputed, never used. A re-run of the same settings calls no model.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -192,6 +193,10 @@ class LocalLM:
             raise ValueError(f"{identity}: the digits 0-9 are not single tokens of its tokenizer, "
                              "which the all-at-once simulator reads; use an endpoint simulator")  # fmt: skip
         self.digits = torch.tensor([ids[0] for ids in digits])
+        # transformers 5.x renamed the key/value cache argument and output `cache`; older
+        # versions call both `past_key_values`.
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _chat(self, user: str) -> list[int]:
         ids = self.tok.apply_chat_template([{"role": "user", "content": user}],
@@ -245,12 +250,13 @@ class LocalLM:
         context (cropped back after each), so a context costs only its own lines."""
         dev = next(self.model.parameters()).device
         prefix = self._chat(SIMULATE_PROMPT.format(explanation=explanation))
-        cache = self.model(torch.tensor([prefix], device=dev), use_cache=True).past_key_values
+        first = self.model(torch.tensor([prefix], device=dev), use_cache=True)
+        cache = getattr(first, self.cache_arg)
         out = []
         for tokens in contexts:
             body, reads = self.body_ids(tokens)
-            logits = self.model(torch.tensor([body], device=dev), past_key_values=cache,
-                                use_cache=True).logits[0, reads]  # fmt: skip
+            logits = self.model(torch.tensor([body], device=dev), use_cache=True,
+                                **{self.cache_arg: cache}).logits[0, reads]  # fmt: skip
             cache.crop(-len(body))  # back to the prefix alone
             out.append(self.expected_digit(logits))
         return out
