@@ -2,13 +2,18 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup quickstart test test-all lint typecheck bench clean-cache
+.PHONY: setup quickstart downstream test test-all lint typecheck bench clean-cache
 
 setup:
 	@bash scripts/setup.sh
 
 quickstart: setup   ## the main job: JumpReLU vs Gated vs TopK at matched L0 on the bundled model
 	$(PY) -m benchmark.run -m +experiment=quickstart
+	$(PY) -m benchmark.report results/quickstart --out results/quickstart/report --l0-tolerance 0.05 --resolution 0.07
+
+downstream: setup   ## probing and automated interpretability on the quickstart's SAEs (after make quickstart)
+	$(PY) -m benchmark.probe results/quickstart
+	$(PY) -m benchmark.interp results/quickstart --latents 8
 	$(PY) -m benchmark.report results/quickstart --out results/quickstart/report --l0-tolerance 0.05 --resolution 0.07
 
 test: setup         ## the default test run (no slow, no gpu tests)

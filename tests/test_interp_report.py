@@ -176,3 +176,22 @@ def test_report_cli_adds_the_interp_summary_and_leaves_a_damaged_one_out(tmp_pat
     printed = capsys.readouterr().out
     assert "note: interp summary left out:" in printed and "not a benchmark.interp" in printed
     assert not (tmp_path / "again" / "interp.md").exists()
+
+
+def test_scores_at_chance_are_not_judged_whatever_the_difference():
+    """A simulator that predicts nothing gives scores around 0; a difference between
+    architectures measured with it is no evidence, so every verdict at that hook says so."""
+    from benchmark.report.interp import AT_CHANCE, above_chance, comparison
+
+    rows = [{"run_id": f"{sae}_r", "sae": sae, "target_l0": 40.0, "seed": 0, "hook": "h",
+             "model": "m", "latent": i, "score": s}
+            for sae, scores in (("jumprelu", [-0.30, -0.25, -0.20, -0.28]),
+                                ("gated", [0.20, 0.25, 0.30, 0.22]))
+            for i, s in enumerate(scores)]  # fmt: skip
+    group = pd.DataFrame(rows)
+    assert not above_chance(group)  # mean -0.0075: not above 0
+    table = comparison(group)
+    assert (table["verdict"] == AT_CHANCE).all()
+    assert table["diff"].iloc[0] == pytest.approx(-0.2575 - 0.2425)  # still measured and shown
+    group.loc[group["sae"] == "jumprelu", "score"] += 0.6  # now both well above chance
+    assert above_chance(group) and comparison(group)["verdict"].iloc[0] == "JumpReLU higher"

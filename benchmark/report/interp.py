@@ -22,7 +22,10 @@ Rules, stated once:
   half-width t(0.975, df) * sqrt(s_A^2/n_A + s_B^2/n_B), df the Welch-Satterthwaite value
   rounded down (conservative). ``holds (no difference resolved)`` when the interval contains
   0, ``<A> lower`` / ``<A> higher`` when it excludes 0, ``inconclusive`` when either side has
-  fewer than 2 defined scores. The unit is the latent: the latents of one SAE are not
+  fewer than 2 defined scores; and ``not judged: scores at chance`` for every row of a (model,
+  hook) whose defined scores, all architectures together, do not have a mean above 0 by more
+  than its 95% t half-width (``above_chance``): differences measured by a simulator that
+  predicts nothing are not evidence. The unit is the latent: the latents of one SAE are not
   independent draws of the architecture and seeds are pooled, so the interval says whether
   the scored latents differ, not how a retrained SAE would.
 """
@@ -52,6 +55,7 @@ NUMERIC = ("target_l0", "l0", "seed", "latent", "frequency", "score", "n_scored"
 GROUP = ("model", "hook")  # latents at different hooks are never compared
 REFERENCE = "jumprelu"
 HOLDS, INCONCLUSIVE = "holds (no difference resolved)", "inconclusive"
+AT_CHANCE = "not judged: scores at chance"
 CLAIM = "JumpReLU's interpretability is within noise of Gated's and TopK's"
 TITLE = "# Automated interpretability (explain, simulate, score)"
 EXPLANATION_CHARS = 120  # an example explanation is cut to this many characters
@@ -193,10 +197,19 @@ def _compare(ref: str, other: str, cell: pd.DataFrame, target: float) -> dict:
             "verdict": verdict(ref, diff, half, len(a), len(b))}  # fmt: skip
 
 
+def above_chance(group: pd.DataFrame) -> bool:
+    """The gate of the module rule: the mean of every defined score at this (model, hook) is
+    above 0 by more than its 95% t half-width, i.e. the explainer and simulator beat chance."""
+    scores = group["score"].dropna()
+    return len(scores) >= 2 and scores.mean() - ci95_half_width(scores) > 0
+
+
 def comparison(group: pd.DataFrame) -> pd.DataFrame:
     """The reference against each other architecture of one (model, hook) (module rule): the
     pooled row first (``target_l0`` NaN), then one row per target L0 either has (none when
-    there is only one: it would repeat the pooled row)."""
+    there is only one: it would repeat the pooled row). When the scores as a whole are not
+    above chance (``above_chance``) every verdict is ``AT_CHANCE``: differences between
+    architectures measured by a simulator that predicts nothing are not evidence."""
     saes = architectures(group)
     if len(saes) < 2:
         return pd.DataFrame()
@@ -207,7 +220,10 @@ def comparison(group: pd.DataFrame) -> pd.DataFrame:
         targets = sorted(pair["target_l0"].dropna().unique())
         for target in targets if len(targets) > 1 else []:
             rows.append(_compare(ref, other, pair[pair["target_l0"] == target], target))
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if not above_chance(group):
+        table["verdict"] = AT_CHANCE
+    return table
 
 
 def comparison_markdown(table: pd.DataFrame) -> str:
@@ -261,7 +277,9 @@ def _intro(frame: pd.DataFrame) -> list[str]:
             f"it excludes 0, `{INCONCLUSIVE}` below 2 defined scores on either side. The unit "
             "is the latent: the latents of one SAE are not independent draws of the "
             "architecture and seeds are pooled, so the interval says whether these scored "
-            "latents differ, not how a retrained SAE would."]  # fmt: skip
+            "latents differ, not how a retrained SAE would. Gate: when the mean of all "
+            "defined scores at a hook is not above 0 by more than its 95% interval (the "
+            f"explainer and simulator do not beat chance), every verdict there is `{AT_CHANCE}`."]  # fmt: skip
 
 
 def interp_markdown(frame: pd.DataFrame) -> str:
