@@ -35,7 +35,6 @@ Knows the run folders, the model loader, the data windows and the SAE's forward 
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import sys
 import time
@@ -52,7 +51,7 @@ from torch import Tensor
 from benchmark import cli_errors, data, interp_llm, models
 from benchmark.examples import Scan, hook_activations, scan_activations
 from benchmark.fileio import write_json_atomic
-from benchmark.probe import Run, find_runs, one_int
+from benchmark.probe import Run, complete_runs, one_int
 from benchmark.saes import load_sae
 
 SAMPLING = ("stratified", "uniform")
@@ -218,12 +217,7 @@ def interp(results_dir: str | Path, settings: Settings | None = None, *,
     check_options(st)
     sources = {o: interp_llm.parse_source(o, v)
                for o, v in (("--explainer", explainer), ("--simulator", simulator))}  # fmt: skip
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "no such folder (give a results folder)", str(root))
-    runs = find_runs(root, cache_dir)
-    if not runs:
-        raise ValueError(f"{root}: no complete run (result.json) under this folder")
+    root, runs = complete_runs(results_dir, cache_dir)
     out_dir = Path(out) if out else root / "interp"
     why = cli_errors.unwritable(out_dir)
     if why is not None:

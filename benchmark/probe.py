@@ -222,6 +222,18 @@ def find_runs(root: Path, cache_dir: str | None = None) -> list[Run]:
     return runs
 
 
+def complete_runs(results_dir: str | Path, cache_dir: str | None = None) -> tuple[Path, list[Run]]:
+    """(the folder, its complete runs) for a tool that reads SAEs (probe, interp): an OSError
+    when the folder does not exist, ValueError when it holds no complete run."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder (give a results folder)", str(root))
+    runs = find_runs(root, cache_dir)
+    if not runs:
+        raise ValueError(f"{root}: no complete run (result.json) under this folder")
+    return root, runs
+
+
 def probe_run(sae: Any, X_train: Tensor, y_train: Tensor, X_test: Tensor, y_test: Tensor,
               ks: Sequence[int]) -> Iterator[tuple[int, Probe]]:  # fmt: skip
     """(k, probe) for each k: the SAE's code on both splits, latents ranked on the training one."""
@@ -243,12 +255,7 @@ def probe(results_dir: str | Path, *, datasets: Sequence[str] = DEFAULT_DATASETS
     to OUT/probe.csv. Runs, SAEs, datasets, splits and OUT are checked before the model loads:
     ValueError, or an OSError naming its file."""
     start = time.perf_counter()
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "no such folder (give a results folder)", str(root))
-    runs = find_runs(root, cache_dir)
-    if not runs:
-        raise ValueError(f"{root}: no complete run (result.json) under this folder")
+    root, runs = complete_runs(results_dir, cache_dir)
     folder = Path(data_dir) if data_dir else dataset_dir()
     data = {}
     for name in datasets:

@@ -41,3 +41,26 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     return errors[0]
+
+
+def random_sae_run(tmp_path: Path, hook: str = "blocks.6.hook_resid_post") -> Path:
+    """A complete run folder on the bundled model holding an untrained TopK SAE (576 -> 64,
+    seed 0): config.yaml, result.json and the SAE, for tools that read runs (probe, interp)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from benchmark.saes import build_sae, sae_node, save_sae
+    from tests.conftest import MODEL_CACHE
+
+    cfg = compose_config(["sae=topk", "sparsity=l0_10", f"cache_dir={MODEL_CACHE}"])
+    torch.manual_seed(0)
+    sae = build_sae(cfg.sae, 576, 64)
+    run = tmp_path / "runs" / "run"
+    save_sae(sae, run, sae_node(cfg.sae, 576, 64))
+    OmegaConf.save(cfg, run / "config.yaml", resolve=True)
+    result = {"run_id": "run", "config_hash": "abc", "status": "complete", "hook": hook,
+              "model": "smollm2_135m", "site": "residual", "layer": 6, "sae": "topk",
+              "seed": 0, "l0": 10.0, "target_l0": 10, "d_in": 576, "d_sae": 64}  # fmt: skip
+    (run / "result.json").write_text(json.dumps(result))
+    return run

@@ -16,7 +16,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from benchmark import interp_llm
 from benchmark.interp import (
@@ -29,9 +28,8 @@ from benchmark.interp import (
     span,
     top_spans,
 )
-from benchmark.saes import build_sae, sae_node, save_sae
 from tests.conftest import MODEL_CACHE
-from tests.helpers import compose_config
+from tests.helpers import random_sae_run
 
 HOOK = "blocks.6.hook_resid_post"
 
@@ -188,17 +186,7 @@ def test_bad_arguments_are_one_line_and_status_2(run_dir, capsys, args, message)
 
 @pytest.fixture
 def run_dir(tmp_path):
-    cfg = compose_config(["sae=topk", "sparsity=l0_10", f"cache_dir={MODEL_CACHE}"])
-    torch.manual_seed(0)
-    sae = build_sae(cfg.sae, 576, 64)
-    run = tmp_path / "runs" / "run"
-    save_sae(sae, run, sae_node(cfg.sae, 576, 64))
-    OmegaConf.save(cfg, run / "config.yaml", resolve=True)
-    result = {"run_id": "run", "config_hash": "abc", "status": "complete", "hook": HOOK,
-              "model": "smollm2_135m", "site": "residual", "layer": 6, "sae": "topk",
-              "seed": 0, "l0": 10.0, "target_l0": 10, "d_in": 576, "d_sae": 64}  # fmt: skip
-    (run / "result.json").write_text(json.dumps(result))
-    return run
+    return random_sae_run(tmp_path, HOOK)
 
 
 @pytest.mark.integration

@@ -16,14 +16,12 @@ import json
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from benchmark.probe import DEFAULT_DATASETS, balanced_split, dataset_dir, main, read_dataset
 from benchmark.probe_fit import fit_probe, rank_latents, roc_auc
 from benchmark.report.probe import comparison, probe_markdown
-from benchmark.saes import build_sae, sae_node, save_sae
 from tests.conftest import MODEL_CACHE
-from tests.helpers import compose_config
+from tests.helpers import random_sae_run
 
 HOOK = "blocks.6.hook_resid_post"
 
@@ -167,17 +165,7 @@ def test_a_folder_without_runs_is_one_line(tmp_path, capsys):
 
 @pytest.fixture
 def run_dir(tmp_path):
-    cfg = compose_config(["sae=topk", "sparsity=l0_10", f"cache_dir={MODEL_CACHE}"])
-    torch.manual_seed(0)
-    sae = build_sae(cfg.sae, 576, 64)
-    run = tmp_path / "runs" / "run"
-    save_sae(sae, run, sae_node(cfg.sae, 576, 64))
-    OmegaConf.save(cfg, run / "config.yaml", resolve=True)
-    result = {"run_id": "run", "config_hash": "abc", "status": "complete", "hook": HOOK,
-              "model": "smollm2_135m", "site": "residual", "layer": 6, "sae": "topk",
-              "seed": 0, "l0": 10.0, "target_l0": 10, "d_in": 576, "d_sae": 64}  # fmt: skip
-    (run / "result.json").write_text(json.dumps(result))
-    return run
+    return random_sae_run(tmp_path, HOOK)
 
 
 @pytest.mark.integration

@@ -112,18 +112,15 @@ def report(args: argparse.Namespace, targets: list[float] | None,
     table, written, notes = write_report(
         df, problems, out, targets, args.latex, args.l0_tolerance, claims_l0, args.resolution
     )
-    probe_csv = root / "probe" / "probe.csv"  # written by python -m benchmark.probe
-    if probe_csv.is_file():
-        try:
-            written += write_probe(probe_csv, out)
-        except ValueError as e:  # a damaged probe.csv leaves the probe table out, nothing else
-            notes.append(f"probe table left out: {e}")
-    interp_csv = root / "interp" / "interp.csv"  # written by python -m benchmark.interp
-    if interp_csv.is_file():
-        try:
-            written += write_interp(interp_csv, out)
-        except ValueError as e:  # a damaged interp.csv leaves the interp summary out, nothing else
-            notes.append(f"interp summary left out: {e}")
+    extras = (("probe", "probe.csv", write_probe, "probe table"),  # python -m benchmark.probe
+              ("interp", "interp.csv", write_interp, "interp summary"))  # benchmark.interp  # fmt: skip
+    for folder, name, writer, what in extras:
+        csv = root / folder / name
+        if csv.is_file():
+            try:
+                written += writer(csv, out)
+            except ValueError as e:  # a damaged CSV leaves its summary out, nothing else
+                notes.append(f"{what} left out: {e}")
     if not table.empty:
         print(f"# Matched-L0 table ({len(df)} complete runs)\n")
         print(to_markdown(table, TABLE1_TITLE))
