@@ -201,8 +201,23 @@ def test_report_hook_writes_probe_md_and_refuses_a_foreign_csv(tmp_path):
     from benchmark.report.probe import write_probe
 
     _frame().to_csv(tmp_path / "probe.csv", index=False)
-    assert write_probe(tmp_path / "probe.csv", tmp_path) == [tmp_path / "probe.md"]
+    assert write_probe(tmp_path / "probe.csv", tmp_path) == [
+        tmp_path / "probe.md", tmp_path / "fig_probe.png", tmp_path / "fig_probe.pdf"]  # fmt: skip
     assert "Paired over seeds" in (tmp_path / "probe.md").read_text()
+    assert (tmp_path / "fig_probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pd.DataFrame({"x": [1]}).to_csv(tmp_path / "other.csv", index=False)
     with pytest.raises(ValueError, match="not a benchmark.probe CSV"):
         write_probe(tmp_path / "other.csv", tmp_path)
+
+
+def test_probe_figure_has_a_panel_per_target_and_a_line_per_architecture():
+    from benchmark.report.probe import plot_probe
+
+    frame = _frame()
+    fig = plot_probe(frame)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    targets = frame.loc[frame["sae"] != "dense", "target_l0"].nunique()
+    assert len(visible) == targets
+    labels = [t.get_text() for t in visible[0].get_legend().get_texts()]
+    saes = sorted(frame.loc[frame["sae"] != "dense", "sae"].unique())
+    assert len([lab for lab in labels if lab != "dense probe"]) == len(saes)

@@ -24,10 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from benchmark.report.claims import name
+from benchmark.report.figures import OTHER_STYLES, STYLE
 from benchmark.report.load import ORDER
 from benchmark.report.stats import ci95_half_width
+from benchmark.report.write import save
 
 COLUMNS = ("run_id", "sae", "target_l0", "l0", "seed", "dataset", "k", "auc", "accuracy")
 GROUP = ("model", "hook")  # probes at different hooks are never compared
@@ -145,8 +148,48 @@ def probe_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(parts) + "\n"
 
 
+def plot_probe(frame: pd.DataFrame) -> Figure:
+    """One panel per (model, hook) and target L0: mean test AUC over the datasets against k
+    (log scale) per architecture, its colour and marker the report's (``figures.STYLE``), the
+    mean over seeds with a 95% band when there are two or more; the dense probe as a dashed
+    line. The y-range is the data's."""
+    runs = per_run(frame)
+    panels = [(key, target, cell) for key, group in runs.groupby(list(GROUP), sort=True)
+              for target, cell in group[group["sae"] != DENSE].groupby("target_l0")]  # fmt: skip
+    ncols = max(1, min(3, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    others = iter(OTHER_STYLES * 10)
+    styles = {sae: STYLE.get(sae) or next(others)
+              for sae in sorted(runs["sae"].unique(), key=_order) if sae != DENSE}  # fmt: skip
+    for ax, ((model, hook), target, cell) in zip(axes, panels):
+        values = [cell["auc"]]
+        for sae, rows in sorted(cell.groupby("sae"), key=lambda kv: _order(kv[0])):
+            by_k = rows.groupby("k")["auc"]
+            mean = by_k.mean()
+            half = by_k.agg(ci95_half_width).fillna(0.0)
+            colour, marker = styles[sae]
+            ax.plot(mean.index, mean.values, marker=marker, color=colour, label=name(sae))
+            ax.fill_between(mean.index, mean - half, mean + half, color=colour, alpha=0.15)
+        dense = runs[(runs["sae"] == DENSE) & (runs["model"] == model) & (runs["hook"] == hook)]
+        if not dense.empty:
+            ax.axhline(dense["auc"].mean(), color="grey", linestyle="--", label="dense probe")
+            values.append(dense["auc"])
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="k (latents probed)", ylabel="mean test AUC",
+               title=f"{hook}, target L0 {target:g}")  # fmt: skip
+        lo, hi = float(pd.concat(values).min()), float(pd.concat(values).max())
+        ax.set_ylim(lo - 0.05 * (hi - lo or 1), hi + 0.05 * (hi - lo or 1))
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    return fig
+
+
 def write_probe(csv: Path, out: Path) -> list[Path]:
-    """``out``/probe.md from ``csv``; the path written."""
+    """``out``/probe.md and ``fig_probe.{png,pdf}`` from ``csv``; the paths written."""
+    frame = read_probe_csv(csv)
     path = out / "probe.md"
-    path.write_text(probe_markdown(read_probe_csv(csv)))
-    return [path]
+    path.write_text(probe_markdown(frame))
+    return [path, *save(plot_probe(frame), out / "fig_probe")]
