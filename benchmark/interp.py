@@ -6,7 +6,7 @@
                                [--seed 0] [--out DIR] [--cache-dir DIR] [--device D]
 
 Per complete run under RESULTS_DIR (or one run's folder), the method of Bills et al. (2023),
-which the paper's automated study uses (PAPER.md; the models are `benchmark.interp_llm`'s):
+which the JumpReLU paper's automated study uses (the models are `benchmark.interp_llm`'s):
 1. Scan: the first --n-tokens non-special tokens of the run's held-out split (the windows
    `benchmark.examples` scans, the split training never reads), f = sae(x).f at every position;
    the activations at a hook are computed once and shared by every run at that hook.

@@ -2,7 +2,7 @@
 cache of every prompt and response by content hash.
 
 Method (Bills et al. 2023, "Language models can explain neurons in language models", as
-PAPER.md describes the paper's automated study): the *explainer* reads a latent's
+the method of the JumpReLU paper's automated study): the *explainer* reads a latent's
 top-activating contexts, each token's activation discretised to 0-10, and writes a short
 explanation; the *simulator* reads only that explanation and a held-out context, and predicts
 each token's activation. "All at once" simulation: the context is written one token per line,

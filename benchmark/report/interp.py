@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 
 from benchmark.report.claims import name
 from benchmark.report.figures import OTHER_STYLES, STYLE, data_ylim
-from benchmark.report.load import ORDER
+from benchmark.report.load import ORDER, checked_columns
 from benchmark.report.stats import ci95_half_width, t_quantile_975
 from benchmark.report.write import save
 
@@ -70,12 +70,7 @@ def read_interp_csv(path: str | Path) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
         raise ValueError(f"{path}: not a CSV ({e})") from e
-    missing = [c for c in REQUIRED if c not in frame]
-    if missing:
-        raise ValueError(f"{path}: no column {', '.join(missing)} (not a benchmark.interp CSV?)")
-    for column in OPTIONAL:
-        if column not in frame:
-            frame[column] = ""
+    checked_columns(frame, path, REQUIRED, OPTIONAL, "benchmark.interp")
     for column in NUMERIC:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +237,16 @@ def _order_key(column: pd.Series) -> pd.Series:
     if order is None:
         return column
     return column.map(lambda v: f"{order.index(v) if v in order else len(order)}{v}")
+
+
+def checked_columns(frame: pd.DataFrame, path: str | Path, required: Sequence[str],
+                    optional: Sequence[str], tool: str) -> pd.DataFrame:  # fmt: skip
+    """`frame` read from a tool's CSV at `path`: ValueError naming the file when a required
+    column is missing; each missing optional column added as "" (in place, returned)."""
+    missing = [c for c in required if c not in frame]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(missing)} (not a {tool} CSV?)")
+    for column in optional:
+        if column not in frame:
+            frame[column] = ""
+    return frame

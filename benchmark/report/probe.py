@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from benchmark.report.claims import name
 from benchmark.report.figures import OTHER_STYLES, STYLE
-from benchmark.report.load import ORDER
+from benchmark.report.load import ORDER, checked_columns
 from benchmark.report.stats import ci95_half_width
 from benchmark.report.write import save
 
@@ -40,14 +40,7 @@ CLAIM_KS = (1, 16)
 
 def read_probe_csv(path: str | Path) -> pd.DataFrame:
     """The probe rows of ``path``; ValueError naming the file if a column is missing."""
-    frame = pd.read_csv(path)
-    missing = [c for c in COLUMNS if c not in frame]
-    if missing:
-        raise ValueError(f"{path}: no column {', '.join(missing)} (not a benchmark.probe CSV?)")
-    for column in GROUP:
-        if column not in frame:
-            frame[column] = ""
-    return frame
+    return checked_columns(pd.read_csv(path), path, COLUMNS, GROUP, "benchmark.probe")
 
 
 def per_run(frame: pd.DataFrame) -> pd.DataFrame:
