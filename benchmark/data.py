@@ -30,6 +30,7 @@ never inserted; pad never occurs (windows are always full; the partial tail is d
 evaluated. Token budgets (`n_tokens`, `data.n_train_tokens`, `data.n_eval_tokens`) count only
 the positions where that mask is True, i.e. the activations an SAE sees.
 
+Reads a `specs.DataSpec` (the entry point builds it from `conf/data`), never the config tree.
 Must not know the model beyond its tokenizer, nor activations, SAEs or Hydra composition.
 """
 
@@ -45,11 +46,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 
 from benchmark.errors import ConfigError
+from benchmark.specs import BUDGET_KEYS, DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +59,7 @@ Split = Literal["train", "eval"]
 SPLITS = ("train", "eval")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 BOOK_PASSAGE_CHARS = 2_000
-EVAL_POOL_TOKENS = 200_000  # default data.eval_pool_tokens
-# Keys of a data config that do not change which tokens a split holds (kept out of cache keys):
-# budgets, and how activations are read (harvest settings, streaming).
-BUDGET_KEYS = (
-    *("n_train_tokens", "n_eval_tokens", "eval_pool_tokens", "allow_fewer_tokens", "harvest"),
-    *("stream", "stream_buffer_tokens", "stream_norm_tokens"),
-    "max_norm_multiple",  # applied when the cache is read (ActivationStore.without_outliers)
-)
+__all__ = ["BUDGET_KEYS", "DataSpec"]  # re-exported: the data config's budget keys, its spec
 
 
 @dataclass(frozen=True)
@@ -74,11 +69,11 @@ class Document:
 
 
 def token_windows(
-    data_cfg: Any, tokenizer: Any, split: Split, n_tokens: int, allow_fewer: bool = False
+    data: DataSpec, tokenizer: Any, split: Split, n_tokens: int, allow_fewer: bool = False
 ) -> torch.Tensor:
     """(n_windows, context_length) int64 token ids, BOS at position 0: the fewest windows of
     `split` holding at least `n_tokens` non-special positions (see the module docstring)."""
-    T = _context_length(data_cfg)
+    T = _context_length(data)
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is not one of {', '.join(SPLITS)}")
     if n_tokens <= 0:
@@ -86,18 +81,18 @@ def token_windows(
     special = set(special_ids(tokenizer))
     seen = _Seen()
     windows, have = [], 0
-    for window in stream_windows(data_cfg, tokenizer, split, seen):
+    for window in stream_windows(data, tokenizer, split, seen):
         windows.append(window)
         have += sum(t not in special for t in window)
         if have >= n_tokens:
             return torch.tensor(windows, dtype=torch.long)
-    where = f"data {data_cfg.name!r} ({data_cfg.source}), split {split!r}"
+    where = f"data {data.name!r} ({data.source}), split {split!r}"
     if seen.total == 0:
         raise ConfigError(f"{where}: the source holds no documents (empty corpus)")
     if not windows:
         raise ConfigError(
             f"{where}: no full window of {T} tokens ({seen.in_split} of {seen.total} documents "
-            f"in this split, data.eval_fraction={data_cfg.get('eval_fraction')})"
+            f"in this split, data.eval_fraction={data.eval_fraction})"
         )
     message = (
         f"{where} holds {have} tokens in {len(windows)} windows of {T}; {n_tokens} requested "
@@ -110,18 +105,18 @@ def token_windows(
 
 
 def stream_windows(
-    data_cfg: Any, tokenizer: Any, split: Split, seen: _Seen | None = None
+    data: DataSpec, tokenizer: Any, split: Split, seen: _Seen | None = None
 ) -> Iterator[list[int]]:
     """Every window of `split`, in order, read lazily: lists of context_length token ids, BOS
     first (the windows `token_windows` returns, without a budget)."""
-    T = _context_length(data_cfg)
+    T = _context_length(data)
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is not one of {', '.join(SPLITS)}")
-    docs = split_documents(data_cfg, split, seen)
+    docs = split_documents(data, split, seen)
     return _pack(_tokenise(docs, tokenizer), T, bos_id(tokenizer))
 
 
-def eval_windows(cfg: Any, tokenizer: Any) -> torch.Tensor:
+def eval_windows(data: DataSpec, tokenizer: Any) -> torch.Tensor:
     """The LM evaluation set: the fewest windows holding `data.n_eval_tokens` non-special
     tokens, spread evenly over the first `data.eval_pool_tokens` tokens of the evaluation split
     (all of it for the bundled corpus), in split order.
@@ -131,9 +126,8 @@ def eval_windows(cfg: Any, tokenizer: Any) -> torch.Tensor:
     split measured L0 10% below the same SAEs on 16k held-out tokens. Evenly spaced windows
     each come from a different part of the split, mixing both sources.
     """
-    data = cfg.data
     n_tokens = int(data.n_eval_tokens)
-    pool_tokens = max(n_tokens, int(data.get("eval_pool_tokens", EVAL_POOL_TOKENS)))
+    pool_tokens = max(n_tokens, int(data.eval_pool_tokens))
     special = set(special_ids(tokenizer))
     pool, counts = [], []
     for window in stream_windows(data, tokenizer, "eval"):
@@ -142,8 +136,7 @@ def eval_windows(cfg: Any, tokenizer: Any) -> torch.Tensor:
         if sum(counts) >= pool_tokens:
             break
     if sum(counts) < n_tokens:  # too small a split: token_windows words the error (or warns)
-        fewer = bool(data.get("allow_fewer_tokens", False))
-        return token_windows(data, tokenizer, "eval", n_tokens, allow_fewer=fewer)
+        return token_windows(data, tokenizer, "eval", n_tokens, allow_fewer=data.allow_fewer_tokens)
     return torch.tensor([pool[i] for i in spread_indices(counts, n_tokens)], dtype=torch.long)
 
 
@@ -174,16 +167,9 @@ def special_ids(tokenizer: Any) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
-def data_identity(data_cfg: Any) -> dict:
+def data_identity(data: DataSpec) -> dict:
     """The data config without its budget keys: what decides the text of each split."""
-    from omegaconf import OmegaConf
-
-    plain = (
-        OmegaConf.to_container(data_cfg, resolve=True)
-        if OmegaConf.is_config(data_cfg)
-        else data_cfg
-    )
-    return {k: v for k, v in cast(dict, plain).items() if k not in BUDGET_KEYS}
+    return dict(data.identity)
 
 
 # ---- split ----
@@ -193,25 +179,25 @@ def in_eval_split(doc_id: str, eval_fraction: float) -> bool:
     return _unit_hash("split", doc_id) < eval_fraction
 
 
-def split_documents(data_cfg: Any, split: Split, seen: _Seen | None = None) -> Iterator[Document]:
+def split_documents(data: DataSpec, split: Split, seen: _Seen | None = None) -> Iterator[Document]:
     """The documents of one split, in source order."""
-    fraction = float(data_cfg.get("eval_fraction", 0.05))
+    fraction = float(data.eval_fraction)
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={fraction} must be in (0, 1)")
     seen = seen if seen is not None else _Seen()
-    for doc in documents(data_cfg):
+    for doc in documents(data):
         seen.total += 1
         if in_eval_split(doc.id, fraction) == (split == "eval"):
             seen.in_split += 1
             yield doc
 
 
-def documents(data_cfg: Any) -> Iterator[Document]:
+def documents(data: DataSpec) -> Iterator[Document]:
     """Every document of the source, both splits, in source order."""
-    source = data_cfg.get("source")
+    source = data.source
     if source not in SOURCES:
         raise ConfigError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
-    for doc in SOURCES[source](data_cfg):
+    for doc in SOURCES[source](data):
         if doc.text:
             yield doc
 
@@ -258,8 +244,8 @@ def _pack(token_docs: Iterable[list[int]], T: int, bos: int) -> Iterator[list[in
         buf = buf[start:]
 
 
-def _context_length(data_cfg: Any) -> int:
-    T = data_cfg.get("context_length")
+def _context_length(data: DataSpec) -> int:
+    T = data.context_length
     if not isinstance(T, int) or T < 2:
         raise ConfigError(f"data.context_length={T!r} must be an integer >= 2")
     return T
@@ -268,7 +254,7 @@ def _context_length(data_cfg: Any) -> int:
 # ---- sources ----
 
 
-def _bundled_documents(data_cfg: Any) -> Iterator[Document]:
+def _bundled_documents(data: DataSpec) -> Iterator[Document]:
     yield from _bundled_corpus()
 
 
@@ -330,26 +316,26 @@ def _group(paragraphs: list[str], min_chars: int) -> Iterator[str]:
         yield "\n\n".join(current)
 
 
-def _hf_documents(data_cfg: Any) -> Iterator[Document]:
-    if not data_cfg.get("path"):
+def _hf_documents(data: DataSpec) -> Iterator[Document]:
+    if not data.path:
         raise ConfigError("data.source=hf needs data.path = a Hugging Face dataset name")
     from datasets import load_dataset
 
     stream = load_dataset(
-        data_cfg.path,
-        name=data_cfg.get("config"),
-        split=data_cfg.get("hf_split", "train"),
+        data.path,
+        name=data.config,
+        split=data.hf_split,
         streaming=True,
     )
     for i, record in enumerate(stream):
-        yield _record_document(record, data_cfg, f"{data_cfg.path} record {i}")
+        yield _record_document(record, data, f"{data.path} record {i}")
 
 
-def _local_documents(data_cfg: Any) -> Iterator[Document]:
-    path = Path(str(data_cfg.get("path") or ""))
-    if not data_cfg.get("path") or not path.exists():
+def _local_documents(data: DataSpec) -> Iterator[Document]:
+    path = Path(str(data.path or ""))
+    if not data.path or not path.exists():
         raise ConfigError(
-            f"data.source=local needs data.path = an existing file or directory; got {data_cfg.get('path')!r}"
+            f"data.source=local needs data.path = an existing file or directory; got {data.path!r}"
         )
     files = (
         sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES)
@@ -361,10 +347,10 @@ def _local_documents(data_cfg: Any) -> Iterator[Document]:
             raise ConfigError(
                 f"data.path={str(file)!r}: unsupported file type; use {', '.join(LOCAL_SUFFIXES)}"
             )
-        yield from _LOCAL_READERS[file.suffix](file, data_cfg)
+        yield from _LOCAL_READERS[file.suffix](file, data)
 
 
-def _read_txt(file: Path, data_cfg: Any) -> Iterator[Document]:
+def _read_txt(file: Path, data: DataSpec) -> Iterator[Document]:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:  # a binary file, or text in another encoding
@@ -377,7 +363,7 @@ def _read_txt(file: Path, data_cfg: Any) -> Iterator[Document]:
             yield Document(_text_id(block.strip()), block.strip())
 
 
-def _read_jsonl(file: Path, data_cfg: Any) -> Iterator[Document]:
+def _read_jsonl(file: Path, data: DataSpec) -> Iterator[Document]:
     n = 0  # lines read
     with file.open(encoding="utf-8") as f:
         try:
@@ -390,7 +376,7 @@ def _read_jsonl(file: Path, data_cfg: Any) -> Iterator[Document]:
                         f"{file} line {n}: a JSON {type(record).__name__}, not an object; "
                         ".jsonl files hold one JSON object per line"
                     )
-                yield _record_document(record, data_cfg, f"{file} line {n}")
+                yield _record_document(record, data, f"{file} line {n}")
         except UnicodeDecodeError as e:  # text mode decodes ahead: the line is approximate
             raise ConfigError(
                 f"data.path: {file} is not UTF-8 text (near line {n + 1}: {e.reason})"
@@ -399,19 +385,19 @@ def _read_jsonl(file: Path, data_cfg: Any) -> Iterator[Document]:
             raise ConfigError(f"{file} line {n}: not valid JSON ({e.msg})") from None
 
 
-def _read_parquet(file: Path, data_cfg: Any) -> Iterator[Document]:
+def _read_parquet(file: Path, data: DataSpec) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(file)
     row = 0
     for batch in parquet.iter_batches(batch_size=1024):
         for record in batch.to_pylist():
-            yield _record_document(record, data_cfg, f"{file} row {row}")
+            yield _record_document(record, data, f"{file} row {row}")
             row += 1
 
 
-def _record_document(record: dict, data_cfg: Any, where: str) -> Document:
-    field, id_field = data_cfg.get("text_field", "text"), data_cfg.get("id_field")
+def _record_document(record: dict, data: DataSpec, where: str) -> Document:
+    field, id_field = data.text_field, data.id_field
     if field not in record:
         raise ConfigError(
             f"{where} has no text field {field!r} (data.text_field); fields: {', '.join(record)}"

@@ -37,6 +37,7 @@ from benchmark import cli_errors, data, models
 from benchmark.evaluate import hook_layer
 from benchmark.fileio import atomic_write, write_json_atomic
 from benchmark.saes import load_sae
+from benchmark.specs import SourceSpec
 
 
 @dataclass
@@ -224,7 +225,8 @@ def examples(run_dir: str | Path, *, latents: Sequence[int] | None = None, top: 
     result = cli_errors.read_json_file(result_file) if result_file.exists() else {}
     if not isinstance(result, dict):
         raise ValueError(f"{result_file}: expected a JSON object")
-    hook = result.get("hook") or models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
+    source = SourceSpec.of(cfg)
+    hook = result.get("hook") or models.hook_name(source.model, source.layer, source.site)
     dev = models.resolve_device(device, "--device")
     sae = load_sae(run_dir, dev).eval()
     if latents:
@@ -236,12 +238,12 @@ def examples(run_dir: str | Path, *, latents: Sequence[int] | None = None, top: 
     if why is not None:
         where = "--out" if out else f"{run_dir}: the default output folder"
         raise ValueError(f"{where} {folder} cannot be written ({why}); give a writable --out")
-    lm = models.load_model(cfg.model, dev, cfg.cache_dir)
-    tokens = data.token_windows(cfg.data, lm.tokenizer, "eval", n_tokens, allow_fewer=True)
+    lm = models.load_model(source.model, dev, source.cache_dir)
+    tokens = data.token_windows(source.data, lm.tokenizer, "eval", n_tokens, allow_fewer=True)
     s = scan(lm, sae, tokens, hook, batch_size)
     chosen = choose_latents(s, latents, top, random, seed)
     doc = {
-        "run": run_dir.name, "run_dir": str(run_dir), "hook": hook, "model": cfg.model.name,
+        "run": run_dir.name, "run_dir": str(run_dir), "hook": hook, "model": source.model.name,
         "split": "eval", "context_length": tokens.shape[1], "n_windows": len(tokens),
         "n_tokens": s.n_tokens, "d_sae": sae.d_sae,
         "latents": [latent_examples(s, i, lm.tokenizer, n_examples, before, after) for i in chosen],

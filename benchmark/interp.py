@@ -45,7 +45,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from benchmark import cli_errors, data, interp_llm, models
@@ -53,6 +52,7 @@ from benchmark.examples import Scan, hook_activations, scan_activations
 from benchmark.fileio import write_json_atomic
 from benchmark.probe import Run, complete_runs, one_int
 from benchmark.saes import load_sae
+from benchmark.specs import DataSpec
 
 SAMPLING = ("stratified", "uniform")
 BAND_EDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # decades of firing frequency
@@ -234,7 +234,7 @@ def interp(results_dir: str | Path, settings: Settings | None = None, *,
         key = _model_key(run)
         if key not in loaded:
             loaded.clear()
-            loaded[key] = models.load_model(run.model_cfg, dev, run.cache_dir)
+            loaded[key] = models.load_model(run.model, dev, run.cache_dir)
         rows += score_run(run, loaded[key], lms["--explainer"], lms["--simulator"], cache, st,
                           dev, batch_size, log, held_out)  # fmt: skip
     frame = pd.DataFrame(rows, columns=[*CSV_COLUMNS])
@@ -243,7 +243,7 @@ def interp(results_dir: str | Path, settings: Settings | None = None, *,
 
 
 def _model_key(run: Run) -> str:
-    return OmegaConf.to_yaml(run.model_cfg) + run.cache_dir
+    return f"{run.model!r}|{run.cache_dir}"
 
 
 def score_run(run: Run, lm: Any, explainer: Any, simulator: Any, cache: interp_llm.Cache,
@@ -254,10 +254,11 @@ def score_run(run: Run, lm: Any, explainer: Any, simulator: Any, cache: interp_l
     `held_out` for the next run at the same hook and data (runs come sorted by hook)."""
     t0, r = time.perf_counter(), run.record
     cfg = cli_errors.read_yaml_mapping(run.folder / "config.yaml")
-    key = f"{run.hook}\n{OmegaConf.to_yaml(cfg.data)}"
+    spec = DataSpec.of(cfg.data)
+    key = f"{run.hook}\n{spec!r}\n{sorted(spec.identity.items())!r}"
     if key not in held_out:
         held_out.clear()
-        tokens = data.token_windows(cfg.data, lm.tokenizer, "eval", st.n_tokens, allow_fewer=True)
+        tokens = data.token_windows(spec, lm.tokenizer, "eval", st.n_tokens, allow_fewer=True)
         held_out[key] = (tokens, hook_activations(lm, tokens, run.hook, batch_size))
     tokens, x = held_out[key]
     sae = load_sae(run.folder, dev).eval()

@@ -22,7 +22,8 @@ windows agree. SmolLM2 uses `<|endoftext|>` (id 0), its pretraining document sep
 GGUF's own BOS `<|im_start|>` (id 1) is the chat-turn marker, and with it the next-token loss on
 Wikipedia text is 2.97 nats against 2.80 with `<|endoftext|>` (40 documents, 120 tokens each).
 
-Must not know data, activations, SAEs or Hydra (it reads plain config nodes).
+Must not know data, activations, SAEs or Hydra: it reads a `specs.ModelSpec` (and a
+`specs.SiteSpec` to name a hook), never the config tree.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from benchmark import integrity
 from benchmark.errors import ConfigError
 from benchmark.fileio import current_umask, sweep_stale, temp_prefix, write_json_atomic
+from benchmark.specs import ModelSpec, SiteSpec
 from benchmark.validate import MODEL_DTYPES
 
 log = logging.getLogger(__name__)
@@ -116,22 +118,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(model_cfg: Any, device: torch.device, cache_dir: str | Path) -> TransformerBridge:
-    """The bridge for `model_cfg`, in eval mode with gradients off, checked against the config."""
-    source = model_cfg.source
+def load_model(model: ModelSpec, device: torch.device, cache_dir: str | Path) -> TransformerBridge:
+    """The bridge for `model`, in eval mode with gradients off, checked against the config."""
+    source = model.source
     if source not in SOURCES:
         raise ConfigError(f"model.source={source!r} is not one of {', '.join(SOURCES)}")
-    dtype = resolve_dtype(model_cfg.dtype, device)
-    bridge = SOURCES[source](model_cfg, device, dtype, Path(cache_dir))
+    dtype = resolve_dtype(model.dtype, device)
+    bridge = SOURCES[str(source)](model, device, dtype, Path(cache_dir))
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
-    _check_shape(model_cfg, bridge)
+    _check_shape(model, bridge)
     return bridge
 
 
 def hook_name(
-    model_cfg: Any, layer: int, site_cfg: Any, bridge: TransformerBridge | None = None
+    model: ModelSpec, layer: int, site: SiteSpec, bridge: TransformerBridge | None = None
 ) -> str:
     """`blocks.{layer}.{site.hook}`, e.g. "blocks.6.hook_resid_post".
 
@@ -142,24 +144,24 @@ def hook_name(
     Raises ConfigError for a layer outside [0, n_layers), a hook the harvester cannot read, or
     (when `bridge` is given) a hook this model does not have.
     """
-    n_layers = int(model_cfg.n_layers)
+    n_layers = int(model.n_layers)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        named = ", ".join(f"{k}={v}" for k, v in dict(model_cfg.layers).items())
+        named = ", ".join(f"{k}={v}" for k, v in dict(model.layers).items())
         raise ConfigError(
-            f"layer.index={layer!r} is out of range for model {model_cfg.name}: "
+            f"layer.index={layer!r} is out of range for model {model.name}: "
             f"valid 0..{n_layers - 1} (named layers: {named})"
         )
-    hook = site_cfg.get("hook")
+    hook = site.hook
     if hook not in BLOCK_HOOKS:
         raise ConfigError(
-            f"site {site_cfg.get('name')!r} has unknown hook {hook!r}; "
+            f"site {site.name!r} has unknown hook {hook!r}; "
             f"known block hooks: {', '.join(BLOCK_HOOKS)}"
         )
     name = f"blocks.{layer}.{hook}"
     if bridge is not None and name not in bridge.hook_dict:
         here = sorted(n for n in bridge.hook_dict if n.startswith(f"blocks.{layer}."))
         raise ConfigError(
-            f"model {model_cfg.name} has no hook {name!r} (site {site_cfg.get('name')!r}); "
+            f"model {model.name} has no hook {name!r} (site {site.name!r}); "
             f"hooks in blocks.{layer}: {', '.join(here)}"
         )
     return name
@@ -236,46 +238,46 @@ def _dequantise_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _boot_bundled(model_cfg: Any, device: torch.device, dtype: torch.dtype, cache_dir: Path):
-    return _boot_directory(converted_bundled_model(cache_dir), model_cfg, device, dtype)
+def _boot_bundled(model: ModelSpec, device: torch.device, dtype: torch.dtype, cache_dir: Path):
+    return _boot_directory(converted_bundled_model(cache_dir), model, device, dtype)
 
 
-def _boot_local(model_cfg: Any, device: torch.device, dtype: torch.dtype, cache_dir: Path):
-    path = Path(str(model_cfg.path or ""))
-    if not model_cfg.path or not (path / "config.json").is_file():
+def _boot_local(model: ModelSpec, device: torch.device, dtype: torch.dtype, cache_dir: Path):
+    path = Path(str(model.path or ""))
+    if not model.path or not (path / "config.json").is_file():
         raise ConfigError(
             f"model.source=local needs model.path = a directory with config.json and weights "
-            f"(as save_pretrained writes them); got model.path={model_cfg.path!r}"
+            f"(as save_pretrained writes them); got model.path={model.path!r}"
         )
-    return _boot_directory(path, model_cfg, device, dtype)
+    return _boot_directory(path, model, device, dtype)
 
 
-def _boot_hf(model_cfg: Any, device: torch.device, dtype: torch.dtype, cache_dir: Path):
-    name = model_cfg.path or model_cfg.architecture
+def _boot_hf(model: ModelSpec, device: torch.device, dtype: torch.dtype, cache_dir: Path):
+    name = model.path or model.architecture
     if not name:
         raise ConfigError("model.source=hf needs model.path (or model.architecture) = a hub name")
     tokenizer = None
-    if model_cfg.get("bos_token"):
+    if model.bos_token:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(name)
-        _use_bos(tokenizer, model_cfg.bos_token)
+        _use_bos(tokenizer, model.bos_token)
     return TransformerBridge.boot_transformers(
         name, device=device, dtype=dtype, tokenizer=tokenizer
     )
 
 
-def _boot_directory(path: Path, model_cfg: Any, device: torch.device, dtype: torch.dtype):
+def _boot_directory(path: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """Load weights + tokenizer from a local directory and wrap them; never touches a hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    _use_bos(tokenizer, model_cfg.get("bos_token"))
+    _use_bos(tokenizer, spec.bos_token)
     # With hf_model given, the bridge reads the config from that model: the name below only
     # picks TransformerLens's adapter and is never fetched.
     return TransformerBridge.boot_transformers(
-        model_cfg.architecture,
+        spec.architecture,
         hf_model=model.to(device),
         tokenizer=tokenizer,
         device=device,
@@ -295,12 +297,12 @@ def _use_bos(tokenizer: Any, bos_token: str | None) -> None:
         tokenizer.update_post_processor()
 
 
-def _check_shape(model_cfg: Any, bridge: TransformerBridge) -> None:
+def _check_shape(model: ModelSpec, bridge: TransformerBridge) -> None:
     """The config's numbers are used before any model loads; they must match the model."""
     for key in ("n_layers", "d_model", "n_heads", "d_head"):
-        want, got = int(model_cfg[key]), int(getattr(bridge.cfg, key))
+        want, got = int(getattr(model, key)), int(getattr(bridge.cfg, key))
         if want != got:
-            raise ConfigError(f"model.{key}={want} but {model_cfg.name} loaded with {key}={got}")
+            raise ConfigError(f"model.{key}={want} but {model.name} loaded with {key}={got}")
 
 
 SOURCES: Mapping[str, Callable[..., TransformerBridge]] = {

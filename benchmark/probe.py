@@ -46,7 +46,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from benchmark import cli_errors, models
@@ -56,6 +55,7 @@ from benchmark.probe_fit import CS, SPLIT_SEED, Probe, fit_probe, rank_latents
 from benchmark.report.load import load_results
 from benchmark.report.probe import probe_markdown
 from benchmark.saes import load_sae
+from benchmark.specs import ModelSpec, SiteSpec
 
 # Short texts (names, one-line sentences and headlines) of six kinds, balanced classes, >= 1,772
 # rows each: the whole default run takes minutes on a 2-core CPU (docs/probing.md).
@@ -197,7 +197,7 @@ def last_token_activations(lm: Any, texts: Sequence[str], hook: str, batch_size:
 class Run:
     folder: Path
     record: dict  # the run's row of benchmark.report.load (run_id, sae, target_l0, l0, seed, ...)
-    model_cfg: Any
+    model: ModelSpec
     cache_dir: str
     hook: str
 
@@ -216,9 +216,10 @@ def find_runs(root: Path, cache_dir: str | None = None) -> list[Run]:
                              "config.yaml?)")  # fmt: skip
         result = cli_errors.read_json_file(folder / "result.json")
         hook = result.get("hook") if isinstance(result, dict) else None
-        hook = hook or models.hook_name(cfg.model, int(cfg.layer.index), cfg.site)
+        model = ModelSpec.of(cfg.model)
+        hook = hook or models.hook_name(model, int(cfg.layer.index), SiteSpec.of(cfg.site))
         load_sae(folder, "cpu")
-        runs.append(Run(folder, record, cfg.model, cache_dir or str(cfg.cache_dir), hook))
+        runs.append(Run(folder, record, model, cache_dir or str(cfg.cache_dir), hook))
     return runs
 
 
@@ -281,7 +282,7 @@ def probe(results_dir: str | Path, *, datasets: Sequence[str] = DEFAULT_DATASETS
         first = members[0]
         if model_key not in lms:
             lms.clear()  # one model in memory at a time; groups of one model are adjacent
-            lms[model_key] = models.load_model(first.model_cfg, dev, first.cache_dir)
+            lms[model_key] = models.load_model(first.model, dev, first.cache_dir)
         base = {"model": first.record["model"], "hook": hook}
         splits = {}  # dataset -> (X_train, y_train, X_test, y_test): one model pass each
         for name, (ds, tr, te) in data.items():
@@ -330,7 +331,7 @@ CSV_COLUMNS = ("run_id", "sae", "target_l0", "l0", "seed", "dataset", "k", "auc"
 
 def _model_key(run: Run) -> str:
     """Runs share a loaded model when their model config and cache folder are the same."""
-    return OmegaConf.to_yaml(run.model_cfg) + run.cache_dir
+    return f"{run.model!r}|{run.cache_dir}"
 
 
 def int_list(option: str, text: str, low: int) -> list[int]:

@@ -158,7 +158,7 @@ def read_result(run_dir: str | Path) -> dict[str, Any] | None:
 def write_result(run_dir: str | Path, record: dict[str, Any] | ResultRecord) -> Path:
     """Write result.json atomically. An existing *complete* record is never overwritten: it is
     kept as result.<its time>.json and the new record names it under "replaces" (`rerun=true`:
-    only a rerun gets this far in a folder with a complete record, benchmark.run.check_folder).
+    only a rerun gets this far in a folder with a complete record, benchmark.runchecks.check_folder).
     A failed record is replaced. Callers hold the run folder's lock (benchmark.runfolder.claim)."""
     if isinstance(record, ResultRecord):
         record = record.to_json()

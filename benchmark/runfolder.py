@@ -39,7 +39,7 @@ def claim(members: Sequence[M]) -> Iterator[list[M]]:
     context lasts; yields the members this process holds, in launch order. A folder locked by
     another process is not waited for: one line says so and the member is left out (that
     process trains and evaluates it; a complete result is then skipped by
-    benchmark.run.check_folder). The
+    benchmark.runchecks.check_folder). The
     locks are flock locks: the OS releases them when their process ends, killed or not, so a
     stale lock never blocks a later run. A job listed twice (same folder) is claimed once."""
     held: dict[str, M] = {}

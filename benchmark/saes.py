@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from baselines.base import SparseAutoencoder
@@ -34,52 +35,43 @@ from benchmark.cli_errors import first_line
 from benchmark.compose import CONF_DIR
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
+from benchmark.specs import plain
 from interop.foreign import safetensors_shapes
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.yaml"
 
 
-def sae_node(sae_cfg: DictConfig | dict[str, Any], d_in: int, d_sae: int | None) -> DictConfig:
-    """The resolved SAE node with the runner-supplied sizes filled in (d_sae None: a loader
-    of a released SAE, whose size is the file's)."""
-    plain = (
-        OmegaConf.to_container(sae_cfg, resolve=True)
-        if isinstance(sae_cfg, DictConfig)
-        else dict(sae_cfg)
-    )
-    node = OmegaConf.create(plain)
-    assert isinstance(node, DictConfig)
-    node.d_in = int(d_in)
-    node.d_sae = int(d_sae) if d_sae is not None else None
-    return node
+def sae_node(node: Mapping[str, Any], d_in: int, d_sae: int | None) -> dict[str, Any]:
+    """The resolved SAE node (a plain dict) with the runner-supplied sizes filled in (d_sae
+    None: a loader of a released SAE, whose size is the file's)."""
+    return {**plain(node), "d_in": int(d_in), "d_sae": int(d_sae) if d_sae is not None else None}
 
 
-def build_sae(
-    sae_cfg: DictConfig | dict[str, Any], d_in: int, d_sae: int | None
-) -> SparseAutoencoder:
+def build_sae(node: Mapping[str, Any], d_in: int, d_sae: int | None) -> SparseAutoencoder:
+    """The SAE of a `conf/sae` node (from the user's own composed config)."""
     try:
-        sae = instantiate(sae_node(sae_cfg, d_in, d_sae))
+        sae = instantiate(sae_node(node, d_in, d_sae))
     except InstantiationException as e:
         # An architecture's own check (k out of range, bandwidth <= 0, ...) is a user error;
         # the classes cannot raise ConfigError themselves (baselines never import benchmark).
         if isinstance(e.__cause__, (ValueError, TypeError, FileNotFoundError)):
-            raise ConfigError(f"sae={sae_cfg['_target_']}: {e.__cause__}") from None
+            raise ConfigError(f"sae={node['_target_']}: {e.__cause__}") from None
         raise
     if not isinstance(sae, SparseAutoencoder):
         raise TypeError(
-            f"sae._target_={sae_cfg['_target_']!r} built a {type(sae).__name__}, "
+            f"sae._target_={node['_target_']!r} built a {type(sae).__name__}, "
             "which is not a baselines.base.SparseAutoencoder"
         )
     return sae
 
 
-def save_sae(sae: SparseAutoencoder, folder: str | Path, node: DictConfig) -> Path:
+def save_sae(sae: SparseAutoencoder, folder: str | Path, node: Mapping[str, Any]) -> Path:
     """Write sae.safetensors and sae_config.yaml into `folder` (atomically, file by file)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, p))
-    atomic_write(folder / CONFIG, lambda p: OmegaConf.save(node, p))
+    atomic_write(folder / CONFIG, lambda p: OmegaConf.save(OmegaConf.create(dict(node)), p))
     return folder
 
 

@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ sys.path.insert(0, str(REPO))
 from benchmark.activations import get_activation_stores, read_sites  # noqa: E402
 from benchmark.data import non_special_mask, token_windows  # noqa: E402
 from benchmark.models import load_model, resolve_device  # noqa: E402
+from benchmark.specs import SiteSpec, SourceSpec  # noqa: E402
 
 SITES = ("residual", "mlp", "attention")
 
@@ -36,13 +38,14 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         base = [f"layer.index={args.layer}", f"data.n_train_tokens={args.tokens}"]
         cfg = compose(config_name="config", overrides=base)
-        sites = [compose(config_name="config", overrides=[f"site={s}"]).site for s in SITES]
-    device = resolve_device(cfg.device)
-    bridge = load_model(cfg.model, device, REPO / ".cache")
-    windows = token_windows(cfg.data, bridge.tokenizer, "train", args.tokens)  # (N, T)
+        site_nodes = [compose(config_name="config", overrides=[f"site={s}"]).site for s in SITES]
+    source, sites = SourceSpec.of(cfg), [SiteSpec.of(s) for s in site_nodes]
+    device = resolve_device(source.device)
+    bridge = load_model(source.model, device, REPO / ".cache")
+    windows = token_windows(source.data, bridge.tokenizer, "train", args.tokens)  # (N, T)
     mask = non_special_mask(windows, bridge.tokenizer)
     hooks = {s.name: f"blocks.{args.layer}.{s.hook}" for s in sites}
-    batch = int(cfg.data.harvest.batch_size)
+    batch = int(source.data.harvest.batch_size)
     n = windows.numel()
     print(f"{device}, layer {args.layer}, {len(windows)} windows x {windows.shape[1]} tokens")
 
@@ -72,9 +75,7 @@ def main() -> None:
 
     def harvest() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            run_cfg = cfg.copy()
-            run_cfg.cache_dir = tmp
-            get_activation_stores(bridge, run_cfg, sites=sites)
+            get_activation_stores(bridge, replace(source, cache_dir=Path(tmp)), sites=sites)
 
     runs = {"bare": bare, "capture": capture, "run_with_cache": with_cache, "harvest": harvest}
     bare()  # warm-up

@@ -58,20 +58,24 @@ def recompute_windows(runs: list[dict], save: bool = False) -> None:
     from omegaconf import OmegaConf
 
     from benchmark import models
-    from benchmark.run import evaluate_stage, held_out_store
     from benchmark.saes import load_sae
+    from benchmark.specs import EvalSpec, SourceSpec
+    from benchmark.stages import evaluate_stage, held_out_stores
 
     cfg = OmegaConf.load(runs[0]["dir"] / "config.yaml")
+    source, ev = SourceSpec.of(cfg), EvalSpec.of(cfg.eval)
     dev = models.resolve_device("cpu")
-    lm = models.load_model(cfg.model, dev, cfg.cache_dir)
+    lm = models.load_model(source.model, dev, source.cache_dir)
     members, limits = [], {}
     for run in runs:
-        rcfg = OmegaConf.load(run["dir"] / "config.yaml")
-        hook = models.hook_name(rcfg.model, int(rcfg.layer.index), rcfg.site)
-        limits[hook] = held_out_store(rcfg, lm).max_norm
+        rs = SourceSpec.of(OmegaConf.load(run["dir"] / "config.yaml"))
+        hook = models.hook_name(rs.model, rs.layer, rs.site)
+        limits[hook] = held_out_stores(lm, rs, [rs.site], ev.n_activation_tokens)[
+            rs.site.name
+        ].max_norm
         members.append((load_sae(run["dir"], dev), hook))
     windows: list[torch.Tensor] = []
-    metrics = evaluate_stage(cfg, members, lm, dev, limits, windows)
+    metrics = evaluate_stage(source, ev, members, lm, dev, limits, windows)
     for run, m, w in zip(runs, metrics, windows, strict=True):
         if not math.isclose(m["delta_lm_loss"], run["delta_lm_loss"], rel_tol=1e-6, abs_tol=1e-9):
             sys.exit(f"error: {run['dir'].name}: re-evaluated delta LM loss {m['delta_lm_loss']} "

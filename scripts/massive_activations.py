@@ -22,6 +22,7 @@ import torch
 from benchmark.compose import compose_config
 from benchmark.data import non_special_mask, token_windows
 from benchmark.models import load_model
+from benchmark.specs import SourceSpec
 
 SITES = {"residual": "hook_resid_post", "mlp": "hook_mlp_out", "attention": "hook_attn_out"}
 
@@ -34,8 +35,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args()
     cfg = compose_config([*args.overrides, "progress=false"])
-    bridge = load_model(cfg.model, torch.device("cpu"), cfg.cache_dir)
-    windows = token_windows(cfg.data, bridge.tokenizer, "train", args.tokens)
+    source = SourceSpec.of(cfg)
+    bridge = load_model(source.model, torch.device("cpu"), source.cache_dir)
+    windows = token_windows(source.data, bridge.tokenizer, "train", args.tokens)
     keep = non_special_mask(windows, bridge.tokenizer)
     n_layers = int(cfg.model.n_layers)
     names = {f"blocks.{layer}.{hook}": (layer, site)

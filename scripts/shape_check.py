@@ -1,6 +1,9 @@
 """The code's shape against issue-21 limits: modules over 400 lines, functions over 80 lines,
-import cycles between the suite's modules (benchmark/, baselines/, interop/), and private names
-(`_x`) imported across files.
+import cycles between the suite's modules (benchmark/, baselines/, interop/), private names
+(`_x`) imported across files, and config parameters below the entry point: a function of a
+stage module (any suite module outside CONFIG_LAYER) whose parameter is annotated DictConfig
+(or DictConfig-like: ListConfig, OmegaConf containers) or is named `cfg` / `*_cfg`, the
+suite's names for a config node, untyped or typed Any. Stages take the typed specs of benchmark/specs.py.
 
     python scripts/shape_check.py [--max-module 400] [--max-function 80] [--strict]
 
@@ -18,6 +21,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("benchmark", "baselines", "interop")
+# The modules that read the composed (or a saved run's) config tree: the entry points and their
+# pre-flight checks, the spec builders, Hydra plumbing, the planner (it composes configs itself).
+CONFIG_LAYER = (
+    "benchmark.run", "benchmark.runchecks", "benchmark.specs", "benchmark.validate",
+    "benchmark.identity", "benchmark.compose", "benchmark.hub", "benchmark.massive",
+    "benchmark.fanout", "benchmark.sweep", "benchmark.cli_errors", "benchmark.plan",
+)  # fmt: skip
+CONFIG_TYPES = ("DictConfig", "ListConfig", "Container")
 
 
 def modules() -> dict[str, Path]:
@@ -38,6 +49,26 @@ def long_functions(tree: ast.AST, limit: int) -> list[tuple[str, int, int]]:
             if n > limit:
                 found.append((node.name, node.lineno, n))
     return found
+
+
+def config_params(tree: ast.AST) -> list[tuple[str, int, str]]:
+    """(function, line, parameter) for each parameter that takes a config node: annotated
+    with an OmegaConf container type, or named cfg / *_cfg without a type or typed Any (a
+    typed `cfg: TrainConfig` is a spec)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            a = node.args
+            for p in [*a.posonlyargs, *a.args, *a.kwonlyargs]:
+                note = ast.unparse(p.annotation) if p.annotation is not None else ""
+                named = p.arg == "cfg" or p.arg.endswith("_cfg")
+                if (named and note in ("", "Any")) or any(t in note for t in CONFIG_TYPES):
+                    found.append((node.name, node.lineno, p.arg))
+    return found
+
+
+def in_config_layer(name: str) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in CONFIG_LAYER)
 
 
 def imports(name: str, tree: ast.AST, known: dict[str, Path]) -> list[tuple[str, list[str]]]:
@@ -111,6 +142,9 @@ def collect(max_module: int = 400, max_function: int = 80) -> list[str]:
             problems.append(f"module {rel}: {n_lines} lines (> {max_module})")
         for fn, line, n in long_functions(tree, max_function):
             problems.append(f"function {rel} {fn}() at line {line}: {n} lines (> {max_function})")
+        if name.startswith("benchmark.") and not in_config_layer(name):
+            for fn, line, arg in config_params(tree):
+                problems.append(f"config parameter {rel} {fn}({arg}) at line {line}")
         graph[name] = set()
         for target, names in imports(name, tree, known):
             if target == name:
@@ -133,7 +167,7 @@ def main() -> int:
     problems = collect(a.max_module, a.max_function)
     for p in problems:
         print(p)
-    kinds = ("module", "function", "private import", "import cycle")
+    kinds = ("module", "function", "private import", "import cycle", "config parameter")
     print("summary: " + ", ".join(f"{sum(p.startswith(k) for p in problems)} {k}" for k in kinds))
     return 1 if a.strict and problems else 0
 

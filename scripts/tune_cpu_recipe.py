@@ -16,8 +16,8 @@ The protocol (runs.csv: every run; tuning.csv / tuning.md: one row per candidate
   spike watch) searched 5e-4 .. 8e-3 x two knob values; round 2 re-ran the leading recipes on
   2 seeds x 3 sites with their doubled lr beside them.
 - Measured exactly as `benchmark.run` measures a run's activation metrics (trained on the
-  normalised training cache, scale folded, `benchmark.run.activation_stage` on the
-  eval.n_activation_tokens held-out activations of `benchmark.run.held_out_store`): L0, FVU,
+  normalised training cache, scale folded, `benchmark.stages.activation_stage` on the
+  eval.n_activation_tokens held-out activations of `benchmark.stages.held_out_stores`): L0, FVU,
   dead fraction, fraction firing on >10% of tokens, and from the trainer its loss-spike watch
   (the largest batch-FVU jump over its running EMA, the step of a spike) and divergence. No LM
   pass: the delta LM loss the tables report plays no part in the choice.
@@ -48,7 +48,9 @@ import torch
 from benchmark.activations import get_activation_store
 from benchmark.compose import compose_config
 from benchmark.fileio import atomic_write
-from benchmark.run import activation_stage, held_out_store, plan_run
+from benchmark.run import plan_run
+from benchmark.specs import EvalSpec, SourceSpec
+from benchmark.stages import activation_stage, held_out_stores
 from benchmark.train import Trainer, TrainingDiverged, train_group
 
 LRS = (5.0e-4, 1.0e-3, 2.0e-3)
@@ -124,8 +126,11 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int], seed: int,
     if not jobs:
         return []
     cfg0 = jobs[0][1]
-    train_store = get_activation_store(None, cfg0, split="train")
-    held_out = held_out_store(cfg0, None)
+    source, ev = SourceSpec.of(cfg0), EvalSpec.of(cfg0.eval)
+    train_store = get_activation_store(None, source, split="train")
+    held_out = held_out_stores(None, source, [source.site], ev.n_activation_tokens)[
+        source.site.name
+    ]
     plans = [plan_run(cfg) for _, cfg in jobs]  # builds each SAE right after seeding it
     trainers = []
     for plan in plans:
@@ -151,7 +156,8 @@ def run_arch(arch: str, args: argparse.Namespace, targets: list[int], seed: int,
                    coefficient=result.coefficient, n_activation_tokens=held_out.n_tokens)  # fmt: skip
         if trainer.failure is None:
             plan.sae.fold_scale(train_store.norm_scale)
-            ((metrics, _),) = activation_stage(cfg, [plan.sae], held_out, torch.device("cpu"))
+            ((metrics, _),) = activation_stage(EvalSpec.of(cfg.eval), [plan.sae], held_out,
+                                               torch.device("cpu"), source.progress)  # fmt: skip
             row.update({k: metrics[k] for k in ("l0", "fvu", "frac_dead", "frac_freq_over_10pct")})
         else:
             row.update(l0=float("nan"), fvu=float("nan"), frac_dead=float("nan"),

@@ -28,6 +28,7 @@ def bundled_model():
     """The real bundled SmolLM2 bridge on CPU, shared by the whole session (do not add hooks
     without removing them)."""
     from benchmark.models import load_model
+    from benchmark.specs import ModelSpec
 
     cfg = compose_config()
-    return load_model(cfg.model, torch.device("cpu"), MODEL_CACHE)
+    return load_model(ModelSpec.of(cfg.model), torch.device("cpu"), MODEL_CACHE)

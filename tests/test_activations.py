@@ -33,6 +33,7 @@ from benchmark.activations import locking as act_locking
 from benchmark.activations import stores as act_stores
 from benchmark.data import non_special_mask, token_windows
 from benchmark.errors import ActivationError, ConfigError
+from benchmark.specs import SiteSpec, SourceSpec
 from tests.conftest import REPO, compose_config
 
 pytestmark = pytest.mark.integration
@@ -48,12 +49,12 @@ TINY = [
 ]
 
 
-def tiny(cache_dir, *overrides):
-    return compose_config([f"cache_dir={cache_dir}", *TINY, *overrides])
+def tiny(cache_dir, *overrides) -> SourceSpec:
+    return SourceSpec.of(compose_config([f"cache_dir={cache_dir}", *TINY, *overrides]))
 
 
 def site_cfgs():
-    return [compose_config([f"site={s}"]).site for s in SITES]
+    return [SiteSpec.of(compose_config([f"site={s}"]).site) for s in SITES]
 
 
 def all_rows(store: ActivationStore) -> torch.Tensor:
@@ -92,9 +93,7 @@ def test_one_pass_fills_every_site(three_sites, monkeypatch):
         assert len(store.shards) == 4 and sum(r for _, r in store.shards) == 2000
     monkeypatch.setattr(harvest, "load_model", refuse_to_load)
     for name in SITES:  # each site's cache is now a hit, without loading a model
-        hit = get_activation_store(
-            None, compose_config([f"cache_dir={cfg.cache_dir}", *TINY, f"site={name}"])
-        )
+        hit = get_activation_store(None, tiny(cfg.cache_dir, f"site={name}"))
         assert hit.from_cache and hit.key == stores[name].key
 
 
@@ -149,7 +148,7 @@ def test_batches(three_sites):
 
 def test_changed_key_gives_a_new_cache(three_sites, bundled_model, monkeypatch):
     cfg, stores, _ = three_sites
-    base = act_keys.key_spec(cfg, 2, cfg.site, "train", 2000, torch.float32)
+    base = act_keys.key_spec(cfg, cfg.site, "train", 2000, torch.float32)
     assert cache_key(base) == stores["residual"].key
     changes = [
         ("layer", 3),
@@ -167,7 +166,7 @@ def test_changed_key_gives_a_new_cache(three_sites, bundled_model, monkeypatch):
         *("data.harvest.batch_size=8", "data.n_eval_tokens=7", "data.stream=true"),
         *("data.stream_buffer_tokens=7", "data.stream_norm_tokens=7"),
     )
-    same = act_keys.key_spec(budget_only, 2, cfg.site, "train", 2000, torch.float32)
+    same = act_keys.key_spec(budget_only, cfg.site, "train", 2000, torch.float32)
     assert cache_key(same) == cache_key(base)  # harvest settings and other budgets: same cache
     fewer = get_activation_store(bundled_model, tiny(cfg.cache_dir, "data.n_train_tokens=1500"))
     assert not fewer.from_cache and fewer.path != stores["residual"].path
@@ -211,7 +210,8 @@ def test_two_processes_share_one_harvest(tmp_path):
         from tests.conftest import MODEL_CACHE, compose_config
         from benchmark.activations import get_activation_store
         from benchmark.models import load_model
-        cfg = compose_config({[f"cache_dir={tmp_path}", *TINY]!r})
+        from benchmark.specs import SourceSpec
+        cfg = SourceSpec.of(compose_config({[f"cache_dir={tmp_path}", *TINY]!r}))
         store = get_activation_store(lambda: load_model(cfg.model, torch.device("cpu"), MODEL_CACHE), cfg)
         print(json.dumps({{"from_cache": store.from_cache, "key": store.key, "c": store.norm_scale}}))
         """

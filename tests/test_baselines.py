@@ -129,7 +129,7 @@ def test_save_and_reload_identical(name, tmp_path):
     sae = sae_from_conf(name, D_IN, D_SAE)
     _step(sae, _data())
     node = sae_node(cfg.sae, D_IN, D_SAE)
-    if not inspect.isclass(get_object(node._target_)):  # a released format's loader: a run
+    if not inspect.isclass(get_object(node["_target_"])):  # a released format's loader: a run
         node = OmegaConf.create(suite_node(sae))  # saves its suite class (benchmark.run)
     save_sae(sae, tmp_path, node)
     again = load_sae(tmp_path)

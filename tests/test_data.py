@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from benchmark import data
 from benchmark.data import (
@@ -20,6 +19,7 @@ from benchmark.data import (
     token_windows,
 )
 from benchmark.errors import ConfigError
+from benchmark.specs import DataSpec
 
 
 class CharTokenizer:
@@ -34,7 +34,7 @@ class CharTokenizer:
 
 def local_cfg(path, **extra):
     base = {"name": "tiny", "source": "local", "path": str(path), "context_length": 8}
-    return OmegaConf.create({**base, "eval_fraction": 0.5, "text_field": "text", **extra})
+    return DataSpec.of({**base, "eval_fraction": 0.5, "text_field": "text", **extra})
 
 
 def write_txt(tmp_path, n_docs=40):
@@ -99,7 +99,7 @@ def test_bundled_corpus():
     assert "Project Gutenberg" not in tail and "def g():" not in tail
     assert "the  of  and  to" not in tail  # the word-frequency lists
     assert any(d.text.endswith("a dependence of which we are not conscious.") for d in books)
-    cfg = OmegaConf.create({"name": "bundled", "source": "bundled", "eval_fraction": 0.05})
+    cfg = DataSpec.of({"name": "bundled", "source": "bundled", "eval_fraction": 0.05})
     n_eval = sum(1 for _ in split_documents(cfg, "eval"))
     assert n_eval / len(docs) == pytest.approx(0.05, abs=0.01)
 
@@ -125,7 +125,7 @@ def test_source_errors(tmp_path):
     with pytest.raises(ConfigError, match="existing file or directory.*nope"):
         list(documents(local_cfg(tmp_path / "nope")))
     with pytest.raises(ConfigError, match="data.source='s3'.*bundled, hf, local"):
-        list(documents(OmegaConf.create({"source": "s3"})))
+        list(documents(DataSpec.of({"source": "s3"})))
     with pytest.raises(ConfigError, match="eval_fraction=1.0"):
         list(split_documents(local_cfg(tmp_path / "a.jsonl", eval_fraction=1.0), "eval"))
     with pytest.raises(ConfigError, match="context_length=1"):
@@ -165,7 +165,7 @@ def test_hf_source_streams(monkeypatch):
         )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    cfg = OmegaConf.create(
+    cfg = DataSpec.of(
         {"source": "hf", "path": "HuggingFaceFW/fineweb", "config": "sample-10BT"}
         | {"hf_split": "train", "text_field": "text", "id_field": "id"}
     )
@@ -177,7 +177,7 @@ def test_hf_source_streams(monkeypatch):
         "streaming": True,
     }
     with pytest.raises(ConfigError, match="data.path = a Hugging Face dataset name"):
-        list(documents(OmegaConf.create({"source": "hf", "path": None})))
+        list(documents(DataSpec.of({"source": "hf", "path": None})))
 
 
 @pytest.mark.parametrize("name", ["bundled", "pile", "fineweb", "local"])
@@ -193,12 +193,12 @@ def test_data_configs(compose, name):
 
 @pytest.mark.integration
 def test_bundled_windows(bundled_model, compose):
-    cfg = compose(["data.n_eval_tokens=1000"])
+    cfg = DataSpec.of(compose(["data.n_eval_tokens=1000"]).data)
     tok = bundled_model.tokenizer
     w = data.eval_windows(cfg, tok)
     assert w.shape == (8, 128) and (w[:, 0] == 0).all()  # 8 windows spread over the split
     assert non_special_mask(w, tok).sum() >= 1000
-    train = token_windows(cfg.data, tok, "train", 1000)
+    train = token_windows(cfg, tok, "train", 1000)
     assert not set(map(tuple, train.tolist())) & set(map(tuple, w.tolist()))
     # Stable across runs: the first training window is fixed by the corpus and the hash order.
     assert tok.decode(train[0, 1:8]) == "In botany, a berry is a"
@@ -238,11 +238,11 @@ def test_spread_indices_take_the_fewest_evenly_spaced_windows():
 def test_eval_windows_spread_over_the_split(bundled_model, compose):
     """The LM set's windows come from all over the held-out split (both sources), not from
     its first few documents."""
-    cfg = compose(["data.n_eval_tokens=2048"])
+    cfg = DataSpec.of(compose(["data.n_eval_tokens=2048"]).data)
     tok = bundled_model.tokenizer
     w = data.eval_windows(cfg, tok)
     assert non_special_mask(w, tok).sum() >= 2048 and len(w) <= 17
-    pool = list(data.stream_windows(cfg.data, tok, "eval"))
+    pool = list(data.stream_windows(cfg, tok, "eval"))
     rows = [pool.index(row) for row in w.tolist()]
     assert rows == sorted(rows) and rows[0] == 0 and rows[-1] >= 0.9 * (len(pool) - 1)
     assert min(b - a for a, b in zip(rows, rows[1:])) > 10  # never consecutive windows

@@ -22,6 +22,7 @@ from benchmark.evaluate import (
     next_token_losses,
 )
 from benchmark.metrics import CE_RECOVERED_MIN_GAP
+from benchmark.specs import DataSpec, SourceSpec
 from tests.helpers import compose_config
 
 
@@ -89,7 +90,7 @@ HOOK = "blocks.2.hook_resid_post"
 def eval_set(bundled_model):
     """4 windows of 32 real evaluation-split tokens; BOS first (and between documents)."""
     cfg = compose_config(["data.context_length=32"])
-    tokens = token_windows(cfg.data, bundled_model.tokenizer, "eval", 100)[:4]
+    tokens = token_windows(DataSpec.of(cfg.data), bundled_model.tokenizer, "eval", 100)[:4]
     mask = non_special_mask(tokens, bundled_model.tokenizer)
     assert not mask[:, 0].any()
     _, cache = bundled_model.run_with_cache(tokens, names_filter=[HOOK])
@@ -205,7 +206,7 @@ def test_ce_skips_positions_whose_target_is_bos(bundled_model):
     tokens t and t+1 are both ordinary, and that changes the number (a BOS target costs ~11
     nats)."""
     cfg = compose_config(["data.context_length=128"])
-    tokens = token_windows(cfg.data, bundled_model.tokenizer, "eval", 700)
+    tokens = token_windows(DataSpec.of(cfg.data), bundled_model.tokenizer, "eval", 700)
     mask = non_special_mask(tokens, bundled_model.tokenizer)
     assert (mask[:, :-1] != (mask[:, :-1] & mask[:, 1:])).any(), "no BOS target in the sample"
     m = evaluate_sae(bundled_model, Identity(), tokens, mask, HOOK, batch_size=8, kl_div=False)
@@ -277,13 +278,13 @@ def test_activation_metrics_by_hand():
 
 def test_loss_cache_key_names_the_whole_model_spec():
     """Clean/zero losses are cached per model spec: dtype, source, path and BOS all count."""
-    base = compose_config([])
+    base = SourceSpec.of(compose_config([]))
     keys = {model_key(base)}
     for o in ("model.dtype=bfloat16", "model.bos_token=null", "model.source=local",
               "model.path=/x"):  # fmt: skip
-        keys.add(model_key(compose_config([o])))
+        keys.add(model_key(SourceSpec.of(compose_config([o]))))
     assert len(keys) == 5
-    assert model_key(compose_config(["model.dtype=float32"])) == model_key(base)
+    assert model_key(SourceSpec.of(compose_config(["model.dtype=float32"]))) == model_key(base)
 
 
 def test_activation_metrics_group_reads_once_and_equals_separate_passes():

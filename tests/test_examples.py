@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from benchmark import data
 from benchmark.examples import Scan, choose_latents, hook_layer, main
 from benchmark.saes import build_sae, load_sae, sae_node, save_sae
+from benchmark.specs import DataSpec
 from tests.conftest import MODEL_CACHE
 from tests.helpers import compose_config
 
@@ -75,7 +76,7 @@ def test_examples_json_values_are_the_sae_code_and_html_is_self_contained(run_di
     # Recompute f = sae(x).f on the same held-out windows, in one forward pass.
     cfg = OmegaConf.load(run_dir / "config.yaml")
     tok = bundled_model.tokenizer
-    windows = data.token_windows(cfg.data, tok, "eval", N_TOKENS, allow_fewer=True)
+    windows = data.token_windows(DataSpec.of(cfg.data), tok, "eval", N_TOKENS, allow_fewer=True)
     got = {}
     bundled_model.run_with_hooks(windows, fwd_hooks=[(HOOK, lambda a, hook: got.update(x=a))],
                                  stop_at_layer=7, return_type=None)  # fmt: skip

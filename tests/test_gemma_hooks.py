@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from benchmark import models
 from benchmark.models import hook_name, load_model
+from benchmark.specs import ModelSpec, SiteSpec
 from tests.conftest import MODEL_CACHE
 from tests.helpers import CONF
 
-SITES = {p.stem: OmegaConf.load(p) for p in sorted((CONF / "site").glob("*.yaml"))}
+SITES = {p.stem: SiteSpec.of(OmegaConf.load(p)) for p in sorted((CONF / "site").glob("*.yaml"))}
 TINY = {"n_layers": 3, "d_model": 64, "n_heads": 4, "d_head": 16}
 # What hook_name must return inside blocks.L for each site (docs/method.md's TransformerLens names).
 SITE_HOOKS = {"residual": "hook_resid_post", "mlp": "hook_mlp_out", "attention": "attn.hook_z"}
@@ -107,10 +108,12 @@ def tiny_gemma(tmp_path_factory):
     ).save_pretrained(path)  # fmt: skip
 
     # The real Gemma 2 entry (architecture, BOS choice), pointed at the tiny directory.
-    model_cfg = OmegaConf.merge(
-        OmegaConf.load(CONF / "model" / "gemma2_2b.yaml"),
-        {"name": "tiny_gemma2", "source": "local", "path": str(path), "dtype": "float32"},
-        {**TINY, "layers": {"early": 0, "middle": 1, "late": 2}},
+    model_cfg = ModelSpec.of(
+        OmegaConf.merge(
+            OmegaConf.load(CONF / "model" / "gemma2_2b.yaml"),
+            {"name": "tiny_gemma2", "source": "local", "path": str(path), "dtype": "float32"},
+            {**TINY, "layers": {"early": 0, "middle": 1, "late": 2}},
+        )
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", refuse_network)

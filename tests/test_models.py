@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from benchmark import hub, integrity, models
 from benchmark.errors import ConfigError
 from benchmark.models import BLOCK_HOOKS, hook_name, load_model, resolve_device, resolve_dtype
+from benchmark.specs import ModelSpec, SiteSpec
 from tests.conftest import MODEL_CACHE
 from tests.helpers import CONF as CONF_DIR
 
@@ -59,27 +60,40 @@ def test_model_configs(compose, name):
 
 def test_hook_name(compose):
     cfg = compose(["site=attention"])
-    assert hook_name(cfg.model, 6, cfg.site) == "blocks.6.attn.hook_z"
-    assert hook_name(cfg.model, 29, compose(["site=residual"]).site) == "blocks.29.hook_resid_post"
+    assert hook_name(ModelSpec.of(cfg.model), 6, SiteSpec.of(cfg.site)) == "blocks.6.attn.hook_z"
+    assert (
+        hook_name(ModelSpec.of(cfg.model), 29, SiteSpec.of(compose(["site=residual"]).site))
+        == "blocks.29.hook_resid_post"
+    )
     for bad in (30, -1, "6"):
         with pytest.raises(ConfigError, match=r"layer.index=.* valid 0\.\.29"):
-            hook_name(cfg.model, bad, cfg.site)
+            hook_name(ModelSpec.of(cfg.model), bad, SiteSpec.of(cfg.site))
     with pytest.raises(ConfigError, match="unknown hook 'hook_resid_postt'.*hook_resid_post"):
-        hook_name(cfg.model, 6, OmegaConf.create({"name": "typo", "hook": "hook_resid_postt"}))
+        hook_name(
+            ModelSpec.of(cfg.model), 6, SiteSpec.of({"name": "typo", "hook": "hook_resid_postt"})
+        )
     bridge = SimpleNamespace(hook_dict={"blocks.6.hook_resid_post": None})
     with pytest.raises(ConfigError, match="no hook 'blocks.6.attn.hook_z'.*hook_resid_post"):
-        hook_name(cfg.model, 6, cfg.site, bridge)
+        hook_name(ModelSpec.of(cfg.model), 6, SiteSpec.of(cfg.site), bridge)
 
 
 def test_source_errors(compose, tmp_path):
     cfg = compose([])
     with pytest.raises(ConfigError, match="model.source='ftp'.*bundled, hf, local"):
-        load_model(OmegaConf.merge(cfg.model, {"source": "ftp"}), torch.device("cpu"), tmp_path)
+        load_model(
+            ModelSpec.of(OmegaConf.merge(cfg.model, {"source": "ftp"})),
+            torch.device("cpu"),
+            tmp_path,
+        )
     missing = OmegaConf.merge(cfg.model, {"source": "local", "path": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="model.path=.*nope"):
-        load_model(missing, torch.device("cpu"), tmp_path)
+        load_model(ModelSpec.of(missing), torch.device("cpu"), tmp_path)
     with pytest.raises(ConfigError, match="model.dtype='half'"):
-        load_model(OmegaConf.merge(cfg.model, {"dtype": "half"}), torch.device("cpu"), tmp_path)
+        load_model(
+            ModelSpec.of(OmegaConf.merge(cfg.model, {"dtype": "half"})),
+            torch.device("cpu"),
+            tmp_path,
+        )
 
 
 def test_hf_source_boots_by_name(compose, monkeypatch):
@@ -94,7 +108,7 @@ def test_hf_source_boots_by_name(compose, monkeypatch):
 
     monkeypatch.setattr(models.TransformerBridge, "boot_transformers", staticmethod(fake_boot))
     cfg = compose(["model=gpt2_small"])
-    bridge = load_model(cfg.model, torch.device("cpu"), "unused")
+    bridge = load_model(ModelSpec.of(cfg.model), torch.device("cpu"), "unused")
     assert calls[0][0] == "openai-community/gpt2"
     assert calls[0][1]["dtype"] == torch.float32
     assert not bridge.training and not any(p.requires_grad for p in bridge.parameters())
@@ -102,7 +116,7 @@ def test_hf_source_boots_by_name(compose, monkeypatch):
     with pytest.raises(
         ConfigError, match="model.n_layers=11 but gpt2_small loaded with n_layers=12"
     ):
-        load_model(wrong, torch.device("cpu"), "unused")
+        load_model(ModelSpec.of(wrong), torch.device("cpu"), "unused")
 
 
 @pytest.mark.integration
@@ -113,7 +127,9 @@ def test_bundled_model(bundled_model, compose):
     assert not bundled_model.training
     assert not any(p.requires_grad for p in bundled_model.parameters())
     for hook in BLOCK_HOOKS:
-        assert hook_name(cfg.model, 6, {"name": "x", "hook": hook}, bundled_model)
+        assert hook_name(
+            ModelSpec.of(cfg.model), 6, SiteSpec.of({"name": "x", "hook": hook}), bundled_model
+        )
     converted = Path(MODEL_CACHE) / "models" / models.bundled_gguf().stem
     assert (converted / "config.json").is_file() and (converted / "model.safetensors").is_file()
 
@@ -129,10 +145,10 @@ def test_offline_sources_never_touch_the_network(bundled_model, compose, monkeyp
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     cfg = compose([])
-    bundled = load_model(cfg.model, torch.device("cpu"), MODEL_CACHE)
+    bundled = load_model(ModelSpec.of(cfg.model), torch.device("cpu"), MODEL_CACHE)
     path = Path(MODEL_CACHE) / "models" / models.bundled_gguf().stem
     local_cfg = OmegaConf.merge(cfg.model, {"source": "local", "path": str(path)})
-    local = load_model(local_cfg, torch.device("cpu"), "unused")
+    local = load_model(ModelSpec.of(local_cfg), torch.device("cpu"), "unused")
     tokens = torch.tensor([[0, 504, 3458, 282, 4649, 314]])
     with torch.inference_mode():
         expected = bundled_model(tokens)
@@ -193,7 +209,7 @@ def test_damaged_converted_model_is_converted_again(bundled_model, compose, tmp_
         f.seek(-len(chunk), 1)
         f.write(bytes(b ^ 0xFF for b in chunk))
     with caplog.at_level(logging.WARNING, logger="benchmark.models"):
-        reloaded = load_model(compose([]).model, torch.device("cpu"), tmp_path)
+        reloaded = load_model(ModelSpec.of(compose([]).model), torch.device("cpu"), tmp_path)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and f"{weights} has checksum" in warnings[0], warnings
     assert models._conversion_damage(copy) is None

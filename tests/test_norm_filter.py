@@ -1,5 +1,5 @@
 """data.max_norm_multiple: rows with a massive activation norm left out of training, of the
-activation metrics and of the LM splice (benchmark.run.without_outliers and what it calls)."""
+activation metrics and of the LM splice (benchmark.stages.without_outliers and what it calls)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from benchmark.data import data_identity, non_special_mask, token_windows
 from benchmark.errors import ConfigError
 from benchmark.evaluate import evaluate_sae
 from benchmark.run import reevaluate
+from benchmark.specs import DataSpec
 from benchmark.validate import check_run
 from tests.helpers import ROOT, compose_config
 
@@ -104,7 +105,7 @@ def test_identity():
     assert identity.config_hash(on) != identity.config_hash(off)
     assert identity.group_key(on) != identity.group_key(off)  # never trained in one group
     # Applied when a cache is read: the cached activations (and their key) are the same.
-    assert data_identity(on.data) == data_identity(off.data)
+    assert data_identity(DataSpec.of(on.data)) == data_identity(DataSpec.of(off.data))
 
 
 def test_the_model_config_sets_the_rule_where_it_measured_massive_activations():
@@ -171,7 +172,7 @@ HOOK = "blocks.2.hook_resid_post"
 @pytest.mark.integration
 def test_splice_keeps_positions_over_the_limit(bundled_model, tmp_path):
     cfg = compose_config(["data.context_length=32"])
-    tokens = token_windows(cfg.data, bundled_model.tokenizer, "eval", 100)[:4]
+    tokens = token_windows(DataSpec.of(cfg.data), bundled_model.tokenizer, "eval", 100)[:4]
     mask = non_special_mask(tokens, bundled_model.tokenizer)
     _, cache = bundled_model.run_with_cache(tokens, names_filter=[HOOK])
     norms = cache[HOOK].norm(dim=-1)

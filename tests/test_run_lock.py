@@ -24,11 +24,13 @@ from types import SimpleNamespace
 import pytest
 
 import benchmark.run as run_mod
+import benchmark.stages as stages_mod
 from benchmark import fanout, fileio
 from benchmark.errors import ConfigError
 from benchmark.results import read_result, write_result
-from benchmark.run import TRAINED, Member, run_members
+from benchmark.run import Member, run_members
 from benchmark.runfolder import RUN_LOCK, claim, member_logs
+from benchmark.stages import TRAINED
 from tests.helpers import ROOT, compose_config, sae_from_conf
 
 HOLD = (  # a process that takes a run folder's lock and keeps it until it is killed
@@ -274,7 +276,7 @@ def test_a_run_killed_after_its_sae_was_saved_resumes_at_the_evaluation(tmp_path
 
     killed = tmp_path / "killed"
     trained = []
-    train_group = run_mod.train_group
+    train_group = stages_mod.train_group
 
     def recording(*a, **k):
         trained.extend(train_group(*a, **k))
@@ -284,7 +286,7 @@ def test_a_run_killed_after_its_sae_was_saved_resumes_at_the_evaluation(tmp_path
         raise Killed
 
     with monkeypatch.context() as mp:
-        mp.setattr(run_mod, "train_group", recording)
+        mp.setattr(stages_mod, "train_group", recording)
         mp.setattr(run_mod, "evaluate_stage", kill)
         with pytest.raises(Killed):
             run_mod.run_members([Member(cfg, killed, choices)])
@@ -297,14 +299,14 @@ def test_a_run_killed_after_its_sae_was_saved_resumes_at_the_evaluation(tmp_path
         raise AssertionError("trained again")
 
     splits = []
-    stores = run_mod.activations.get_activation_stores
+    stores = stages_mod.activations.get_activation_stores
 
     def harvest(model, c, split, **k):
         splits.append(split)
         return stores(model, c, split, **k)
 
-    monkeypatch.setattr(run_mod, "train_group", no_training)
-    monkeypatch.setattr(run_mod.activations, "get_activation_stores", harvest)
+    monkeypatch.setattr(stages_mod, "train_group", no_training)
+    monkeypatch.setattr(stages_mod.activations, "get_activation_stores", harvest)
     assert run_mod.run_members([Member(cfg, killed, choices)]) == [whole]
     assert splits == ["eval"]  # not even the training split was opened
     resumed = read_result(killed)

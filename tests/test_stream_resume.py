@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from benchmark.activations import StreamingStore, get_activation_store, stores
 from benchmark.compose import CONF_DIR
 from benchmark.data import non_special_mask, stream_windows
+from benchmark.specs import SourceSpec
 from tests.conftest import compose_config
 
 B, BUFFER, K = 64, 256, 20  # batch, shuffle buffer (4 batches), resume after K batches
@@ -37,7 +38,7 @@ STREAM = [
 @pytest.fixture(scope="module")
 def store(bundled_model, tmp_path_factory) -> StreamingStore:
     cfg = compose_config([f"cache_dir={tmp_path_factory.mktemp('stream')}", *STREAM])
-    st = get_activation_store(bundled_model, cfg)
+    st = get_activation_store(bundled_model, SourceSpec.of(cfg))
     assert isinstance(st, StreamingStore)
     return st
 
@@ -51,7 +52,7 @@ def stream_rows(store) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def batch_rows(store, bundled_model) -> list[int]:
     """Rows per forward batch (4 windows), from the tokens alone."""
-    windows = list(islice(stream_windows(store._data_cfg, bundled_model.tokenizer, "train"), 64))
+    windows = list(islice(stream_windows(store._data, bundled_model.tokenizer, "train"), 64))
     mask = non_special_mask(torch.tensor(windows), bundled_model.tokenizer)  # (64, T)
     return [int(mask[i : i + 4].sum()) for i in range(0, 64, 4)]
 
@@ -146,11 +147,11 @@ def test_state_of_another_stream_is_not_used(store, tmp_path, caplog):
 
 @pytest.mark.integration
 def test_run_resumes_a_stream_from_its_folder(bundled_model, tmp_path, calls):
-    """benchmark.run.train_stage on a streamed config: killed after 9 steps (checkpoints every
+    """benchmark.stages.train_stage on a streamed config: killed after 9 steps (checkpoints every
     4), run again in the same folder: the stream resumes from the folder's stream_state.pt
     (no model pass over the first batches) and the SAE ends as an uninterrupted run's; the
     state file goes when the result is written."""
-    from benchmark import run
+    from benchmark import run, stages
 
     over = [f"cache_dir={tmp_path / 'cache'}", *STREAM, "train=cpu", f"train.n_tokens={12 * B}",
             f"train.batch_size={B}", "train.checkpoint_every=4", "train.width=64", "sae=relu",
@@ -159,11 +160,13 @@ def test_run_resumes_a_stream_from_its_folder(bundled_model, tmp_path, calls):
 
     def train(out, stop_after=None):
         out.mkdir(exist_ok=True)
-        real = run.train_group
+        real = stages.train_group
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(run, "train_group", lambda *a, **k: real(*a, **k, stop_after=stop_after))
+            mp.setattr(stages, "train_group", lambda *a, **k: real(*a, **k, stop_after=stop_after))
             plan = run.plan_run(cfg)
-            run.train_stage([run.Member(cfg, out, {})], [plan], bundled_model, None)
+            member = run.Member(cfg, out, {})
+            stages.train_stage([member.unit(plan)], member.source, int(cfg.seed), bundled_model,
+                               None)  # fmt: skip
         return plan.sae
 
     whole = train(tmp_path / "whole")
@@ -175,7 +178,7 @@ def test_run_resumes_a_stream_from_its_folder(bundled_model, tmp_path, calls):
     assert calls and 0 not in calls  # the windows of the first batches were not run again
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    run._after_result(out, None, {})
+    stages.after_result(out, None, {})
     assert not (out / StreamingStore.STATE_FILE).exists()
 
 

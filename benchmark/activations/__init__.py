@@ -61,8 +61,8 @@ nothing about them beyond the BOS/EOS/pad exclusion (as the paper): they are rea
 that the spliced model needs reconstructed. Each manifest records the norm quantiles and the
 share of rows above 5x the median (`stats`), so the effect can be checked per cache.
 
-Must not know SAEs, the trainer or the evaluator; it reads the composed config but never
-composes one.
+Must not know SAEs, the trainer or the evaluator. It reads a `specs.SourceSpec` (model, layer,
+site, data, device, cache folder), never the config tree.
 
 One module per job: `keys` (the key spec and key, the budgets, the files' names), `locking` (a
 lock per key, the integrity checks on read, repair), `harvest` (windows -> shards, resume),
@@ -76,7 +76,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from benchmark.activations.harvest import (
     ModelArg,
@@ -89,7 +88,6 @@ from benchmark.activations.keys import (
     HARVEST_PLAN,
     MANIFEST,
     NORM_FILE,
-    STREAM_DEFAULTS,
     HarvestTarget,
     cache_key,
     key_spec,
@@ -108,6 +106,7 @@ from benchmark.activations.stores import (
 from benchmark.data import Split
 from benchmark.fileio import sweep_stale
 from benchmark.models import hook_name, resolve_device, resolve_dtype
+from benchmark.specs import STREAM_DEFAULTS, SiteSpec, SourceSpec
 
 __all__ = [  # the API; the parts are public in their own modules (keys, locking, harvest, ...)
     "CACHE_FORMAT",
@@ -129,39 +128,39 @@ __all__ = [  # the API; the parts are public in their own modules (keys, locking
 
 
 def get_activation_store(
-    model: ModelArg, cfg: Any, split: Split = "train", n_tokens: int | None = None
+    model: ModelArg, source: SourceSpec, split: Split = "train", n_tokens: int | None = None
 ) -> Store:
-    """The activations of `cfg.layer.index` at `cfg.site` (see `get_activation_stores`)."""
-    return get_activation_stores(model, cfg, split, [cfg.site], n_tokens)[cfg.site.name]
+    """The activations of `source.layer` at `source.site` (see `get_activation_stores`)."""
+    return get_activation_stores(model, source, split, [source.site], n_tokens)[source.site.name]
 
 
 def get_activation_stores(
     model: ModelArg,
-    cfg: Any,
+    source: SourceSpec,
     split: Split = "train",
-    sites: Sequence[Any] | None = None,
+    sites: Sequence[SiteSpec] | None = None,
     n_tokens: int | None = None,
 ) -> dict[str, Store]:
-    """The cached activations of `cfg.layer.index` for each of `sites` (default: `cfg.site`).
+    """The cached activations of `source.layer` for each of `sites` (default: `source.site`).
 
     `model`: a TransformerBridge, a zero-argument callable returning one, or None (then it is
-    loaded from `cfg.model` on a cache miss only: a hit never loads a model). `split` picks
+    loaded from `source.model` on a cache miss only: a hit never loads a model). `split` picks
     `data.n_train_tokens` or `data.n_eval_tokens`, unless `n_tokens` is given (the held-out
-    activation set: `eval.n_activation_tokens`). Site configs each have `name` and `hook`;
-    every missing one is harvested in the same forward pass. Returns {site name: store}. With
+    activation set: `eval.n_activation_tokens`). Each site has a `name` and a `hook`; every
+    missing one is harvested in the same forward pass. Returns {site name: store}. With
     `data.stream: true` the train split is a `StreamingStore` instead (one per site); the eval
     split is always cached.
     """
-    site_cfgs = [cfg.site] if sites is None else list(sites)
-    layer = cfg.layer.index
-    hooks = {s.name: hook_name(cfg.model, layer, s) for s in site_cfgs}  # config errors first
-    if split == "train" and cfg.data.get("stream", False):
-        return {s.name: _streaming_store(model, cfg, s) for s in site_cfgs}
-    n_tokens = token_budget(cfg.data, split) if n_tokens is None else n_tokens
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    root = Path(cfg.cache_dir) / "activations"
-    specs = {s.name: key_spec(cfg, layer, s, split, n_tokens, dtype) for s in site_cfgs}
+    site_list = [source.site] if sites is None else list(sites)
+    layer, model_spec, data = source.layer, source.model, source.data
+    hooks = {s.name: hook_name(model_spec, layer, s) for s in site_list}  # config errors first
+    if split == "train" and data.stream:
+        return {s.name: _streaming_store(model, source, s) for s in site_list}
+    n_tokens = token_budget(data, split) if n_tokens is None else n_tokens
+    device = resolve_device(source.device)
+    dtype = resolve_dtype(model_spec.dtype, device)
+    root = Path(source.cache_dir) / "activations"
+    specs = {s.name: key_spec(source, s, split, n_tokens, dtype) for s in site_list}
     dirs = {name: root / cache_key(spec) for name, spec in specs.items()}
     harvested: set[str] = set()
     if not all(cache_usable(d) for d in dirs.values()):
@@ -170,15 +169,11 @@ def get_activation_stores(
         with key_locks(dirs.values()):
             todo = [name for name, d in dirs.items() if not cache_usable(d, repair=True)]
             if todo:
-                bridge = load_bridge(model, cfg, device, dtype)
-                hooks = {s.name: hook_name(cfg.model, layer, s, bridge) for s in site_cfgs}
-                fewer = bool(cfg.data.get("allow_fewer_tokens", False))
-                windows = split_windows(cfg.data, bridge, split, n_tokens, fewer)
+                bridge = load_bridge(model, source, device, dtype)
+                hooks = {s.name: hook_name(model_spec, layer, s, bridge) for s in site_list}
+                windows = split_windows(data, bridge, split, n_tokens, data.allow_fewer_tokens)
                 targets = [HarvestTarget(n, hooks[n], dirs[n], specs[n]) for n in todo]
-                opts = cfg.data.get("harvest") or {}
-                harvest_sites(
-                    bridge, windows, layer, targets, opts, bool(cfg.get("progress", True))
-                )
+                harvest_sites(bridge, windows, layer, targets, data.harvest, source.progress)
                 harvested.update(todo)
     return {name: ActivationStore(d, from_cache=name not in harvested) for name, d in dirs.items()}
 
@@ -186,20 +181,19 @@ def get_activation_stores(
 # ---- streaming ----
 
 
-def _streaming_store(model: ModelArg, cfg: Any, site: Any) -> StreamingStore:
+def _streaming_store(model: ModelArg, source: SourceSpec, site: SiteSpec) -> StreamingStore:
     """A StreamingStore for `site`; its norm_scale is estimated on a miss (one process per key
     at a time, the others wait and read it) and read from norm.json on a hit."""
-    layer = cfg.layer.index
-    n_norm = positive_int(cfg.data, "stream_norm_tokens")
-    buffer_rows = positive_int(cfg.data, "stream_buffer_tokens")
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    spec = {**key_spec(cfg, layer, site, "train", n_norm, dtype), "stream": "norm_scale"}
-    path = Path(cfg.cache_dir) / "activations" / cache_key(spec)
-    bridge = functools.cache(lambda: load_bridge(model, cfg, device, dtype))  # loaded at most once
+    n_norm = positive_int(source.data, "stream_norm_tokens")
+    buffer_rows = positive_int(source.data, "stream_buffer_tokens")
+    device = resolve_device(source.device)
+    dtype = resolve_dtype(source.model.dtype, device)
+    spec = {**key_spec(source, site, "train", n_norm, dtype), "stream": "norm_scale"}
+    path = Path(source.cache_dir) / "activations" / cache_key(spec)
+    bridge = functools.cache(lambda: load_bridge(model, source, device, dtype))  # at most once
     if not norm_file_usable(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         with key_locks([path]):
             if not norm_file_usable(path, repair=True):
-                estimate_norm(bridge(), cfg, site, spec, path, bool(cfg.get("progress", True)))
-    return StreamingStore(path, bridge, cfg.data, layer, buffer_rows)
+                estimate_norm(bridge(), source, site, spec, path, source.progress)
+    return StreamingStore(path, bridge, source.data, source.layer, buffer_rows)

@@ -30,17 +30,20 @@ from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write, write_json_atomic
 from benchmark.models import load_model
 from benchmark.progress import progress
+from benchmark.specs import DataSpec, HarvestSpec, SourceSpec
 
 log = logging.getLogger("benchmark.activations")
 
 ModelArg = Any  # TransformerBridge | Callable[[], TransformerBridge] | None
 
 
-def load_bridge(model: ModelArg, cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """The model to harvest with: given, built by a callable, or loaded from cfg.model."""
+def load_bridge(
+    model: ModelArg, source: SourceSpec, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """The model to harvest with: given, built by a callable, or loaded from source.model."""
     bridge: Any
     if model is None:
-        bridge = load_model(cfg.model, device, cfg.cache_dir)
+        bridge = load_model(source.model, device, source.cache_dir)
     elif isinstance(model, torch.nn.Module):
         bridge = model
     elif callable(model):
@@ -50,17 +53,17 @@ def load_bridge(model: ModelArg, cfg: Any, device: torch.device, dtype: torch.dt
     got = next(bridge.parameters()).dtype
     if got != dtype:  # the cache key names the dtype; the rows must be in it
         raise ConfigError(
-            f"the model given runs in {got} but model.dtype={cfg.model.dtype!r} resolves to "
+            f"the model given runs in {got} but model.dtype={source.model.dtype!r} resolves to "
             f"{dtype} on {device}"
         )
     return bridge
 
 
 def split_windows(
-    data_cfg: Any, bridge: Any, split: Split, n_tokens: int, fewer: bool
+    data: DataSpec, bridge: Any, split: Split, n_tokens: int, fewer: bool
 ) -> torch.Tensor:
-    check_context(data_cfg, bridge)
-    return token_windows(data_cfg, bridge.tokenizer, split, n_tokens, allow_fewer=fewer)
+    check_context(data, bridge)
+    return token_windows(data, bridge.tokenizer, split, n_tokens, allow_fewer=fewer)
 
 
 # ---- harvest ----
@@ -71,15 +74,15 @@ def harvest_sites(
     windows: torch.Tensor,
     layer: int,
     targets: list[HarvestTarget],
-    opts: Any,
+    opts: HarvestSpec,
     show: bool = True,
 ) -> None:
     """Fill each target's directory with shards, then its manifest (written last). `show`:
     the progress display (tokens done/total, tokens/s, ETA)."""
     started = time.perf_counter()
     mask = non_special_mask(windows, bridge.tokenizer)  # (N, T)
-    batch = int(opts.get("batch_size", 32))
-    W = _windows_per_shard(bridge, windows.shape[1], batch, float(opts.get("shard_mb", 32)))
+    batch = int(opts.batch_size)
+    W = _windows_per_shard(bridge, windows.shape[1], batch, float(opts.shard_mb))
     keep = _rows_per_shard(mask, W, n_tokens=targets[0].spec["n_tokens"])
     plan = {"windows_per_shard": W, "rows_per_shard": keep}
     done = {t.name: resume_point(t, plan) for t in targets}

@@ -12,7 +12,6 @@ Must not know how a cache is harvested, checked or read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -20,11 +19,11 @@ from benchmark.data import Split, data_identity
 from benchmark.errors import ConfigError
 from benchmark.identity import digest
 from benchmark.models import resolve_device, resolve_dtype
+from benchmark.specs import DataSpec, SiteSpec, SourceSpec
 
 CACHE_FORMAT = 1  # bump when the on-disk layout or the harvest changes what is stored
 MANIFEST, HARVEST_PLAN, NORM_FILE = "manifest.json", "harvest.json", "norm.json"
 KEY_CHARS = 10  # hex characters of a cache key's hash
-STREAM_DEFAULTS = {"stream_buffer_tokens": 262_144, "stream_norm_tokens": 100_000}
 
 
 def cache_key(spec: dict) -> str:
@@ -38,42 +37,43 @@ def cache_key(spec: dict) -> str:
     )
 
 
-def _model_spec(cfg: Any, dtype: torch.dtype) -> dict:
-    model = {k: cfg.model.get(k) for k in ("name", "source", "path", "architecture", "bos_token")}
-    return {**model, "dtype": str(dtype).removeprefix("torch.")}
+def _model_spec(source: SourceSpec, dtype: torch.dtype) -> dict:
+    return {**source.model.identity, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def model_key(cfg: Any) -> str:
+def model_key(source: SourceSpec) -> str:
     """`<model name>-<hash>` of everything that changes the model's outputs (source, path,
     architecture, BOS token, resolved dtype): the same model spec as the activation cache's
     key, used to key cached clean and zero-ablation losses."""
-    dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.device))
-    return f"{cfg.model.name}-{digest(_model_spec(cfg, dtype), KEY_CHARS)}"
+    dtype = resolve_dtype(source.model.dtype, resolve_device(source.device))
+    return f"{source.model.name}-{digest(_model_spec(source, dtype), KEY_CHARS)}"
 
 
 def key_spec(
-    cfg: Any, layer: int, site: Any, split: Split, n_tokens: int, dtype: torch.dtype
+    source: SourceSpec, site: SiteSpec, split: Split, n_tokens: int, dtype: torch.dtype
 ) -> dict:
+    """The cache key's spec for `site` of `source` (its layer, model and data)."""
     return {
         "format": CACHE_FORMAT,
-        "model": _model_spec(cfg, dtype),
-        "layer": layer,
+        "model": _model_spec(source, dtype),
+        "layer": source.layer,
         "site": {"name": site.name, "hook": site.hook},
-        "data": data_identity(cfg.data),
+        "data": data_identity(source.data),
         "split": split,
         "n_tokens": n_tokens,
     }
 
 
-def token_budget(data_cfg: Any, split: str) -> int:
+def token_budget(data: DataSpec, split: str) -> int:
     if split not in ("train", "eval"):
         raise ConfigError(f"split={split!r} is not one of train, eval")
-    return positive_int(data_cfg, f"n_{split}_tokens")
+    return positive_int(data, f"n_{split}_tokens")
 
 
-def positive_int(data_cfg: Any, key: str) -> int:
-    """data.<key> (default: STREAM_DEFAULTS), checked to be a positive integer."""
-    n = data_cfg.get(key, STREAM_DEFAULTS.get(key))
+def positive_int(data: DataSpec, key: str) -> int:
+    """data.<key> (a budget or a stream size; defaults: STREAM_DEFAULTS), checked to be a
+    positive integer."""
+    n = data.budget(key)
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ConfigError(f"data.{key}={n!r} must be a positive integer")
     return n

@@ -26,6 +26,7 @@ from benchmark.activations.stores import rows_to_float32, stream_site_rows
 from benchmark.fileio import write_json_atomic
 from benchmark.models import hook_name
 from benchmark.progress import progress
+from benchmark.specs import SiteSpec, SourceSpec
 
 log = logging.getLogger("benchmark.activations")
 
@@ -83,13 +84,13 @@ def _row_norms(path: Path, shards: list[dict], dtype: str) -> np.ndarray:
 
 
 def estimate_norm(
-    bridge: Any, cfg: Any, site: Any, spec: dict, path: Path, show: bool = True
+    bridge: Any, source: SourceSpec, site: SiteSpec, spec: dict, path: Path, show: bool = True
 ) -> None:
     """c = sqrt(mean ||x||^2) over the first spec["n_tokens"] streamed rows (float64; a split
     with fewer rows is read again from its start), written to path/norm.json."""
-    hook = hook_name(cfg.model, spec["layer"], site, bridge)
+    hook = hook_name(source.model, spec["layer"], site, bridge)
     n_tokens, have, sum_sq = spec["n_tokens"], 0, 0.0
-    rows = stream_site_rows(bridge, cfg.data, spec["layer"], site.name, hook)
+    rows = stream_site_rows(bridge, source.data, spec["layer"], site.name, hook)
     bar = progress(n_tokens, f"stream norm layer {spec['layer']}", unit="tok", enabled=show)
     for x in rows:  # (rows, d_in)
         x = x[: n_tokens - have].double()

@@ -30,6 +30,7 @@ from benchmark.activations.keys import MANIFEST, NORM_FILE
 from benchmark.data import non_special_mask, stream_windows
 from benchmark.errors import ActivationError, ConfigError
 from benchmark.fileio import atomic_write
+from benchmark.specs import DataSpec
 
 log = logging.getLogger("benchmark.activations")
 
@@ -143,7 +144,7 @@ class StreamingStore:
     STATE_FILE = "stream_state.pt"  # the saved stream (`batches`), in a run's folder
 
     def __init__(
-        self, path: Path, bridge: Callable[[], Any], data_cfg: Any, layer: int, buffer_rows: int
+        self, path: Path, bridge: Callable[[], Any], data: DataSpec, layer: int, buffer_rows: int
     ):
         norm = integrity.unseal((path / NORM_FILE).read_text())  # checked by norm_file_usable
         self.path = path
@@ -156,7 +157,7 @@ class StreamingStore:
         self.max_norm: float | None = None  # streamed rows are never left out for their norm
         self.n_excluded = 0
         self.buffer_rows = buffer_rows
-        self.load_bridge, self._data_cfg, self._layer = bridge, data_cfg, layer
+        self.load_bridge, self._data, self._layer = bridge, data, layer
 
     def __repr__(self) -> str:
         return f"StreamingStore({self.key}, buffer_rows={self.buffer_rows}, d_in={self.d_in})"
@@ -254,7 +255,7 @@ class StreamingStore:
     def _rows(self, skip: int) -> Iterator[torch.Tensor]:
         """The stream's rows from row `skip` on (see `stream_site_rows`)."""
         bridge = self.load_bridge()
-        return stream_site_rows(bridge, self._data_cfg, self._layer, self.site, self.hook, skip)
+        return stream_site_rows(bridge, self._data, self._layer, self.site, self.hook, skip)
 
 
 def _save_stream_state(path: Path, state: dict[str, Any]) -> None:
@@ -324,11 +325,11 @@ def check_finite(x: torch.Tensor, mask: torch.Tensor, first: int, where: str, of
     )
 
 
-def check_context(data_cfg: Any, bridge: Any) -> None:
+def check_context(data: DataSpec, bridge: Any) -> None:
     n_ctx = getattr(bridge.cfg, "n_ctx", None)
-    if n_ctx and data_cfg.context_length > n_ctx:
+    if n_ctx and data.context_length > n_ctx:
         raise ConfigError(
-            f"data.context_length={data_cfg.context_length} exceeds the model's context {n_ctx}"
+            f"data.context_length={data.context_length} exceeds the model's context {n_ctx}"
         )
 
 
@@ -336,7 +337,7 @@ def check_context(data_cfg: Any, bridge: Any) -> None:
 
 
 def stream_site_rows(
-    bridge: Any, data_cfg: Any, layer: int, site: str, hook: str, skip: int = 0
+    bridge: Any, data: DataSpec, layer: int, site: str, hook: str, skip: int = 0
 ) -> Generator[torch.Tensor, None, None]:
     """Endless (rows, d_in) activations of the train windows in order, one forward batch
     (`data.harvest.batch_size` windows) at a time, BOS/EOS/pad rows dropped, on CPU.
@@ -344,9 +345,9 @@ def stream_site_rows(
     `skip`: start at that row of the stream. Forward batches wholly before it are only
     tokenised and masked (no model); the batch holding it runs whole (the same forward batches
     as an unskipped stream, so the same numbers) and its rows before `skip` are dropped."""
-    batch = int((data_cfg.get("harvest") or {}).get("batch_size", 32))
+    batch = int(data.harvest.batch_size)
     device = torch.device(bridge.cfg.device)
-    for first, windows in _window_batches(data_cfg, bridge, batch):  # (batch, T)
+    for first, windows in _window_batches(data, bridge, batch):  # (batch, T)
         mask = non_special_mask(windows, bridge.tokenizer)  # (batch, T)
         if skip and (have := int(mask.sum())) <= skip:
             skip -= have
@@ -357,18 +358,18 @@ def stream_site_rows(
         yield x
 
 
-def _window_batches(data_cfg: Any, bridge: Any, batch: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _window_batches(data: DataSpec, bridge: Any, batch: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Endless (index of the first window, (batch, T) windows) of the train split, read
     lazily in order; at the end of the split the windows start over."""
-    check_context(data_cfg, bridge)
+    check_context(data, bridge)
     first = 0
     while True:
-        windows, start = stream_windows(data_cfg, bridge.tokenizer, "train"), first
+        windows, start = stream_windows(data, bridge.tokenizer, "train"), first
         while chunk := list(islice(windows, batch)):
             yield first, torch.tensor(chunk, dtype=torch.long)
             first += len(chunk)
         if first == start:
-            raise ConfigError(f"data {data_cfg.name!r}: the train split holds no full window")
+            raise ConfigError(f"data {data.name!r}: the train split holds no full window")
         log.warning("the train split ended after %d windows; the stream starts over", first)
 
 
