@@ -27,11 +27,8 @@ vocabulary).
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,44 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.fileio import write_json_atomic
+from benchmark import loss_cache
+from benchmark.activation_eval import SpliceStats, activation_metrics, activation_metrics_group
+from benchmark.loss_cache import cached_scalar, tokens_digest
 from benchmark.metrics import CE_RECOVERED_MIN_GAP, METRICS_VERSION, definitions
 from benchmark.progress import progress as progress_display
 
-__all__ = [
-    "METRICS_VERSION", "METRIC_DEFINITIONS", "activation_metrics", "evaluate_group", "evaluate_sae",
+__all__ = [  # activation metrics (benchmark/activation_eval.py) and the loss cache re-exported
+    "METRICS_VERSION", "METRIC_DEFINITIONS", "SpliceStats", "activation_metrics",
+    "activation_metrics_group", "cached_scalar", "evaluate_group", "evaluate_sae", "tokens_digest",
 ]  # fmt: skip
 
 METRIC_DEFINITIONS = definitions()
-
-
-@dataclass
-class SpliceStats:
-    """Float64 running sums over the masked positions seen by the splice hook."""
-
-    n: int = 0
-    sse: float = 0.0  # sum ||x - x_hat||^2
-    sum_sq: float = 0.0  # sum ||x||^2
-    sum_x: Tensor | None = None  # (d,) sum of x
-    active: float = 0.0  # sum over tokens of the number of active latents
-    fired: Tensor | None = None  # (d_sae,) count of tokens on which each latent fired
-
-    def add(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
-        x64, xh64 = x.double(), x_hat.double()
-        self.n += x.shape[0]
-        self.sse += (x64 - xh64).pow(2).sum().item()
-        self.sum_sq += x64.pow(2).sum().item()
-        s = x64.sum(dim=0)
-        self.sum_x = s if self.sum_x is None else self.sum_x + s
-        on = f > 0
-        self.active += on.sum().item()
-        c = on.sum(dim=0, dtype=torch.long)
-        self.fired = c if self.fired is None else self.fired + c
-
-    def fvu(self) -> float:
-        assert self.sum_x is not None
-        total = self.sum_sq - self.sum_x.pow(2).sum().item() / self.n  # sum ||x - mean||^2
-        return self.sse / total
 
 
 def _flatten(act: Tensor) -> Tensor:
@@ -191,52 +162,6 @@ def mean_ce(
     return (total[0] / total[1]).item()
 
 
-def cached_scalar(path: Path | None, compute: Callable[[], float]) -> float:
-    """A float cached in a small JSON file, written atomically (safe under concurrent jobs)."""
-    if path is None:
-        return compute()
-    if path.exists():
-        return float(json.loads(path.read_text())["value"])
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"value": value})
-    return value
-
-
-def _cached(path: Path | None) -> float | None:
-    """The float cached at `path` (a small JSON file), or None."""
-    if path is None or not path.exists():
-        return None
-    return float(json.loads(path.read_text())["value"])
-
-
-def _cached_windows(path: Path | None, n_windows: int) -> Tensor | None:
-    """The per-window [CE sum, count] cached beside the value at `path` (the clean loss), or
-    None when absent (a cache written before they were kept) or of another length."""
-    if path is None or not path.exists():
-        return None
-    windows = json.loads(path.read_text()).get("windows")
-    if not isinstance(windows, list) or len(windows) != n_windows:
-        return None
-    return torch.tensor(windows, dtype=torch.float64)
-
-
-def _store(path: Path | None, value: float, windows: Tensor | None = None) -> float:
-    """Cache `value` (and the per-window sums) at `path`, atomically (safe under concurrent
-    jobs); returns it."""
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        entry: dict[str, Any] = {"value": value}
-        if windows is not None:
-            entry["windows"] = windows.tolist()
-        write_json_atomic(path, entry)
-    return value
-
-
-def tokens_digest(tokens: Tensor) -> str:
-    return hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
-
-
 @contextmanager
 def _blocks_skipped_below(model, layer: int) -> Iterator[None]:
     """Blocks 0..layer-1 return their input unchanged while this is open.
@@ -299,10 +224,6 @@ def limited(replace: Callable[[Tensor, Tensor], Tensor], limit: float | None):
     return fn
 
 
-def _limit_tag(limit: float | None) -> str:
-    return "" if limit is None else f"-maxnorm{limit:.17g}"
-
-
 @torch.no_grad()
 def evaluate_sae(model, sae: nn.Module, tokens: Tensor, mask: Tensor, hook: str,
                  **kwargs: Any) -> dict[str, float | None]:  # fmt: skip
@@ -312,19 +233,11 @@ def evaluate_sae(model, sae: nn.Module, tokens: Tensor, mask: Tensor, hook: str,
 
 @torch.no_grad()
 def evaluate_group(
-    model,
-    members: list[tuple[nn.Module, str]],
-    tokens: Tensor,
-    mask: Tensor,
-    *,
-    batch_size: int = 8,
-    cache_dir: str | Path | None = None,
-    model_key: str = "model",
-    kl_div: bool = True,
-    progress: bool = False,
-    max_norms: dict[str, float | None] | None = None,
-    windows_out: list[Tensor] | None = None,
-) -> list[dict[str, float | None]]:
+    model, members: list[tuple[nn.Module, str]], tokens: Tensor, mask: Tensor, *,
+    batch_size: int = 8, cache_dir: str | Path | None = None, model_key: str = "model",
+    kl_div: bool = True, progress: bool = False,
+    max_norms: dict[str, float | None] | None = None, windows_out: list[Tensor] | None = None,
+) -> list[dict[str, float | None]]:  # fmt: skip
     """The paper's LM metrics for each (sae, hook) of `members` on `tokens` (N, T).
 
     Per batch of windows, the model runs once up to the lowest hooked layer; from there the
@@ -351,153 +264,118 @@ def evaluate_group(
     start = min(hook_layer(hook) for _, hook in members)
     # Only L0 is read on the LM set (FVU and frequencies come from the activation set).
     stats = [{"n": 0, "active": 0} for _ in members]
-
-    def splicer(
-        sae: nn.Module, st: dict[str, int], limit: float | None
-    ) -> Callable[[Tensor, Tensor], Tensor]:
-        def splice(act: Tensor, m: Tensor) -> Tensor:
-            x = _flatten(act)  # (B, T, d)
-            m = within(x, m, limit)
-            sel = x[m]  # (n, d): only the positions that count
-            out = sae(sel.float())
-            st["n"] += sel.shape[0]
-            st["active"] += int((out.f > 0).sum())
-            x_new = x.clone()
-            x_new[m] = out.x_hat.to(x.dtype)
-            return x_new.view_as(act)
-
-        return splice
-
     splices = [
-        splicer(sae, st, limits[hook]) for (sae, hook), st in zip(members, stats, strict=True)
+        _splicer(sae, st, limits[hook]) for (sae, hook), st in zip(members, stats, strict=True)
     ]
     # The clean and zero-ablation losses depend only on (model, tokens[, hook]): cached as small
     # JSON files and reused by every SAE; what is not cached yet is computed in this same loop.
-    digest = tokens_digest(tokens)
-    folder = Path(cache_dir) / "losses" if cache_dir is not None else None
-    # The metrics version is in the key: a change in which positions are scored changes both.
-    stem = f"v{METRICS_VERSION}-{model_key}"
-    clean_path = folder / f"clean-{stem}-{digest}.json" if folder else None
     hooks = list(dict.fromkeys(hook for _, hook in members))
-    zero_paths = {
-        h: folder / f"zero-{stem}-{h}{_limit_tag(limits[h])}-{digest}.json" if folder else None
-        for h in hooks
-    }
-    clean_ce = _cached(clean_path)
-    clean_windows = _cached_windows(clean_path, len(tokens))
+    clean_path, zero_paths = loss_cache.paths(cache_dir, model_key, tokens, limits, hooks)
+    clean_ce = loss_cache.cached(clean_path)
+    clean_windows = loss_cache.cached_windows(clean_path, len(tokens))
     if clean_windows is None:  # the per-window sums (for delta_lm_loss_se) are computed too
         clean_ce = None
-    zero_ce = {h: _cached(p) for h, p in zero_paths.items()}
+    zero_ce = {h: loss_cache.cached(p) for h, p in zero_paths.items()}
     zero_todo = [h for h in hooks if zero_ce[h] is None]
 
-    spliced: list[list[Tensor]] = [[] for _ in members]  # per batch: (windows, 2)
-    clean_parts: list[Tensor] = []
-    zero = {h: torch.zeros(2, dtype=torch.float64) for h in zero_todo}
-    kl_sums = [0.0 for _ in members]
+    passes = _Passes(members, splices, zero_todo, kl_div or clean_ce is None, kl_div)
     bar = progress_display(len(tokens), "evaluate LM (spliced)", unit="window", enabled=progress)
     for i in range(0, len(tokens), batch_size):
         t, m = tokens[i : i + batch_size], mask[i : i + batch_size]
-        pm = scored_positions(m)
-        resid = residual_at(model, t, start)
-        clean_logits = None
-        if kl_div or clean_ce is None:
-            clean_logits = run_from(model, resid, start, [])
-            clean_parts.append(_ce_windows(clean_logits, t, m).cpu())
-        for h in zero_todo:
-            ablate = _splice_hook(limited(zero_splice, limits[h]), m)
-            zero[h] += _ce_sum(run_from(model, resid, start, [(h, ablate)]), t, m).cpu()
-        for j, (_, hook) in enumerate(members):
-            logits = run_from(model, resid, start, [(hook, _splice_hook(splices[j], m))])
-            spliced[j].append(_ce_windows(logits, t, m).cpu())
-            if kl_div and clean_logits is not None:
-                kl_sums[j] += _kl_sum(clean_logits, logits, pm)
-            del logits
+        passes.batch(model, t, m, start, limits)
         bar.update(len(t))
     bar.close()
+    spliced, clean_parts, zero, kl_sums = passes.spliced, passes.clean, passes.zero, passes.kl
 
     clean = torch.cat(clean_parts).sum(dim=0) if clean_parts else None
     if clean_ce is None:
         assert clean is not None
         clean_windows = torch.cat(clean_parts)
-        clean_ce = _store(clean_path, (clean[0] / clean[1]).item(), clean_windows)
+        clean_ce = loss_cache.store(clean_path, (clean[0] / clean[1]).item(), clean_windows)
     assert clean_windows is not None
     for h in zero_todo:
-        zero_ce[h] = _store(zero_paths[h], (zero[h][0] / zero[h][1]).item())
+        zero_ce[h] = loss_cache.store(zero_paths[h], (zero[h][0] / zero[h][1]).item())
     results = []
     for j, (_, hook) in enumerate(members):
         z = zero_ce[hook]
-        assert z is not None
+        assert z is not None and stats[j]["n"] > 0, "no evaluation position passed the mask"
         windows = torch.cat(spliced[j])  # (W, 2)
         if windows_out is not None:
             windows_out.append(torch.stack([clean_windows[:, 0], windows[:, 0], windows[:, 1]], 1))
-        total = windows.sum(dim=0)
-        spliced_ce = (total[0] / total[1]).item()
-        assert stats[j]["n"] > 0, "no evaluation position passed the mask"
-        gap = z - clean_ce
-        results.append({
-            "clean_ce_loss": clean_ce,
-            "spliced_ce_loss": spliced_ce,
-            "zero_ce_loss": z,
-            "delta_lm_loss": spliced_ce - clean_ce,
-            "ce_loss_recovered": (z - spliced_ce) / gap if gap >= CE_RECOVERED_MIN_GAP else None,
-            "delta_lm_loss_se": ratio_se(windows[:, 0] - clean_windows[:, 0], windows[:, 1]),
-            "kl_div": kl_sums[j] / total[1].item() if kl_div else float("nan"),
-            "splice_l0": stats[j]["active"] / stats[j]["n"],
-            "n_lm_tokens": float(total[1].item()),
-            "n_lm_windows": float(len(windows)),
-        })  # fmt: skip
+        kl = kl_sums[j] if kl_div else None
+        results.append(_lm_metrics(clean_ce, clean_windows, z, windows, kl, stats[j]))
     return results
 
 
-@torch.no_grad()
-def activation_metrics(
-    sae: nn.Module,
-    batches: Iterable[Tensor],
-    device: torch.device | str = "cpu",
-    *,
-    total: float | None = None,
-    progress: bool = False,
-) -> tuple[dict[str, float], Tensor]:
-    """L0, FVU and firing-frequency statistics of `sae` on raw (unnormalised) activation
-    batches (n, d_in): the held-out activation set. Returns (metrics, firing_frequency).
-    progress: rows done out of `total` (if known), rate and ETA."""
-    return activation_metrics_group([sae], batches, device, total=total, progress=progress)[0]
+class _Passes:
+    """The passes of one batch of LM windows from the shared residual at `start`, summed over
+    batches: the clean pass (when `clean`: its per-window CE sums), the zero-ablation pass of
+    each hook in `zero_todo`, each member's spliced pass (per-window CE sums) and its KL to the
+    clean pass (when `kl_div`)."""
+
+    def __init__(self, members, splices, zero_todo: list[str], clean: bool, kl_div: bool):
+        self.members, self.splices, self.want_clean, self.kl_div = members, splices, clean, kl_div
+        self.spliced: list[list[Tensor]] = [[] for _ in members]  # per batch: (windows, 2)
+        self.clean: list[Tensor] = []
+        self.zero = {h: torch.zeros(2, dtype=torch.float64) for h in zero_todo}
+        self.kl = [0.0 for _ in members]
+
+    def batch(self, model, t: Tensor, m: Tensor, start: int, limits: dict) -> None:
+        pm = scored_positions(m)
+        resid = residual_at(model, t, start)
+        clean_logits = None
+        if self.want_clean:
+            clean_logits = run_from(model, resid, start, [])
+            self.clean.append(_ce_windows(clean_logits, t, m).cpu())
+        for h in self.zero:
+            ablate = _splice_hook(limited(zero_splice, limits[h]), m)
+            self.zero[h] += _ce_sum(run_from(model, resid, start, [(h, ablate)]), t, m).cpu()
+        for j, (_, hook) in enumerate(self.members):
+            logits = run_from(model, resid, start, [(hook, _splice_hook(self.splices[j], m))])
+            self.spliced[j].append(_ce_windows(logits, t, m).cpu())
+            if self.kl_div and clean_logits is not None:
+                self.kl[j] += _kl_sum(clean_logits, logits, pm)
+            del logits
 
 
-@torch.no_grad()
-def activation_metrics_group(
-    saes: Sequence[nn.Module],
-    batches: Iterable[Tensor],
-    device: torch.device | str = "cpu",
-    *,
-    total: float | None = None,
-    progress: bool = False,
-) -> list[tuple[dict[str, float], Tensor]]:
-    """`activation_metrics` of every SAE in `saes` (all reading the same site) in one pass over
-    the batches: each batch is read once and fed to every SAE, so each SAE's numbers are those
-    of its own pass."""
-    stats = [SpliceStats() for _ in saes]
-    bar = progress_display(total, "evaluate activations", unit="tok", enabled=progress)
-    for x in batches:
-        x = x.to(device)
-        for sae, st in zip(saes, stats, strict=True):
-            out = sae(x)
-            st.add(x, out.x_hat, out.f)
-        bar.update(x.shape[0])
-    bar.close()
-    return [_activation_summary(st) for st in stats]
+def _splicer(
+    sae: nn.Module, st: dict[str, int], limit: float | None
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The splice of one SAE: its reconstruction at the positions that count (and within the
+    norm limit), the original activation elsewhere; counts positions and active latents."""
+
+    def splice(act: Tensor, m: Tensor) -> Tensor:
+        x = _flatten(act)  # (B, T, d)
+        m = within(x, m, limit)
+        sel = x[m]  # (n, d): only the positions that count
+        out = sae(sel.float())
+        st["n"] += sel.shape[0]
+        st["active"] += int((out.f > 0).sum())
+        x_new = x.clone()
+        x_new[m] = out.x_hat.to(x.dtype)
+        return x_new.view_as(act)
+
+    return splice
 
 
-def _activation_summary(stats: SpliceStats) -> tuple[dict[str, float], Tensor]:
-    if stats.fired is None:
-        raise ValueError("activation_metrics: no activations to evaluate on")
-    freq = stats.fired.double().cpu() / stats.n
-    metrics = {
-        "l0": stats.active / stats.n,
-        "fvu": stats.fvu(),
-        "frac_dead": (freq == 0).double().mean().item(),
-        "frac_freq_over_10pct": (freq > 0.10).double().mean().item(),
-        "frac_freq_over_1pct": (freq > 0.01).double().mean().item(),
-        "n_activation_tokens": float(stats.n),
+def _lm_metrics(
+    clean_ce: float, clean_windows: Tensor, z: float, windows: Tensor, kl_sum: float | None,
+    st: dict[str, int],
+) -> dict[str, float | None]:  # fmt: skip
+    """One SAE's LM-set metrics from the clean loss and per-window sums, its (W, 2) spliced
+    [CE sum, count] per window, the zero-ablation loss z and its KL sum (None: not computed)."""
+    total = windows.sum(dim=0)
+    spliced_ce = (total[0] / total[1]).item()
+    gap = z - clean_ce
+    return {
+        "clean_ce_loss": clean_ce,
+        "spliced_ce_loss": spliced_ce,
+        "zero_ce_loss": z,
+        "delta_lm_loss": spliced_ce - clean_ce,
+        "ce_loss_recovered": (z - spliced_ce) / gap if gap >= CE_RECOVERED_MIN_GAP else None,
+        "delta_lm_loss_se": ratio_se(windows[:, 0] - clean_windows[:, 0], windows[:, 1]),
+        "kl_div": kl_sum / total[1].item() if kl_sum is not None else float("nan"),
+        "splice_l0": st["active"] / st["n"],
+        "n_lm_tokens": float(total[1].item()),
+        "n_lm_windows": float(len(windows)),
     }
-    return metrics, freq

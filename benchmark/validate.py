@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from benchmark.errors import ConfigError
 from benchmark.massive import model_norm_rule
-from benchmark.train import check_precision_device
+from benchmark.recipe import check_precision_device
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Arguments the runner supplies when it instantiates a node (not written in the YAML).

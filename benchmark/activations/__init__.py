@@ -66,8 +66,9 @@ site, data, device, cache folder), never the config tree.
 
 One module per job: `keys` (the key spec and key, the budgets, the files' names), `locking` (a
 lock per key, the integrity checks on read, repair), `harvest` (windows -> shards, resume),
-`manifest` (manifest.json and norm.json: norm_scale and the stats), `stores` (the readers, and
-`read_sites`: the forward pass the harvest and the stream share); this module holds the entry
+`manifest` (manifest.json and norm.json: norm_scale and the stats), `stores` (the cached reader,
+and `read_sites`: the forward pass the harvest and the stream share), `streaming` (the
+streaming reader); this module holds the entry
 points.
 """
 
@@ -97,12 +98,8 @@ from benchmark.activations.keys import (
 )
 from benchmark.activations.locking import cache_usable, key_locks, norm_file_usable
 from benchmark.activations.manifest import OUTLIER_FACTOR, estimate_norm
-from benchmark.activations.stores import (
-    ActivationStore,
-    Store,
-    StreamingStore,
-    read_sites,
-)
+from benchmark.activations.stores import ActivationStore, read_sites
+from benchmark.activations.streaming import Store, StreamingStore
 from benchmark.data import Split
 from benchmark.fileio import sweep_stale
 from benchmark.models import hook_name, resolve_device, resolve_dtype

@@ -22,7 +22,8 @@ import numpy as np
 
 from benchmark import integrity
 from benchmark.activations.keys import MANIFEST, NORM_FILE, HarvestTarget, shard_name
-from benchmark.activations.stores import rows_to_float32, stream_site_rows
+from benchmark.activations.stores import rows_to_float32
+from benchmark.activations.streaming import stream_site_rows
 from benchmark.fileio import write_json_atomic
 from benchmark.models import hook_name
 from benchmark.progress import progress
