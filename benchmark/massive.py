@@ -3,7 +3,7 @@
 A few positions of some language models (SmolLM2: the first token after BOS when it is a
 delimiter) carry activation norms 10-800x the median from a given layer on; they hold most of
 the variance there, and every SAE trained on all tokens fits them first (measured in
-results/reference/paper_cpu: delta LM loss up to 10.6 nats, up to 99% dead latents at layers 14
+results/reference/paper_cpu_round1: delta LM loss up to 10.6 nats, up to 99% dead latents at layers 14
 and 22). `data.max_norm_multiple` leaves such rows out (benchmark.activations: not trained on,
 not in L0/FVU/frequencies; their LM loss is still scored with the original activation).
 

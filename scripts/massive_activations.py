@@ -8,7 +8,7 @@ Prints, per (layer, site): the median norm, max / median, the share of positions
 --multiple x the median, and the share of the total squared norm (the variance an SAE is
 asked to fit, up to the mean) those positions hold. A (layer, site) where a handful of
 positions hold most of the squared norm is one where every SAE fits those positions first
-(results/reference/paper_cpu: delta LM loss up to 10.6 nats at SmolLM2's layers 14 and 22):
+(results/reference/paper_cpu_round1: delta LM loss up to 10.6 nats at SmolLM2's layers 14 and 22):
 the model config's `massive_activations` rule names them (conf/model/smollm2_135m.yaml).
 """
 

@@ -14,7 +14,9 @@ The protocol (runs.csv: every run; tuning.csv / tuning.md: one row per candidate
   initial sparsity coefficient, TopK's AuxK coefficient). Every architecture gets the same lr
   grid; the first round (round 1 in runs.csv: seed 0, residual only, before the trainer's
   spike watch) searched 5e-4 .. 8e-3 x two knob values; round 2 re-ran the leading recipes on
-  2 seeds x 3 sites with their doubled lr beside them.
+  2 seeds x 3 sites with their doubled lr beside them; round 3 gave Gated the beta1 = 0.9
+  value JumpReLU and TopK had, and ran the doubled lr of every beta1 0.9 candidate
+  (results/reference/tuning_cpu_round3/README.md: what it chooses and what that trades).
 - Measured exactly as `benchmark.run` measures a run's activation metrics (trained on the
   normalised training cache, scale folded, `benchmark.stages.activation_stage` on the
   eval.n_activation_tokens held-out activations of `benchmark.stages.held_out_stores`): L0, FVU,
@@ -54,7 +56,8 @@ from benchmark.stages import activation_stage, held_out_stores
 from benchmark.train import Trainer, TrainingDiverged, train_group
 
 LRS = (5.0e-4, 1.0e-3, 2.0e-3)
-ROUND = 2  # this protocol's round (1: seed 0, residual only, before the spike watch)
+ROUND = 3  # this protocol's round (1: seed 0, residual only, before the spike watch; 2: 2 seeds x
+# 3 sites; 3: the knob values made the same for all, results/reference/tuning_cpu_round3)
 TIE = 0.005  # relative: candidates within 0.5% of the best mean FVU are tied
 BEFORE_LR = 1.0e-3  # conf/train/cpu.yaml's lr before the protocol, for every architecture
 # architecture -> (knob name, [(label, overrides), ...]); the first value is the recipe before
@@ -80,6 +83,9 @@ KNOBS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
     "gated": ("initial coefficient", [
         ("0.01", ["sae.coefficient=0.01"]),
         ("0.003", ["sae.coefficient=0.003"]),
+        # round 2 gave JumpReLU and TopK the usual beta1 = 0.9 beside the paper's 0; Gated gets
+        # the same value so that no architecture has a knob value the others lack
+        ("0.01 + adam beta1 0.9", ["sae.coefficient=0.01", "train.adam_betas=[0.9,0.999]"]),
     ]),
     "topk": ("aux_coefficient", [
         ("1/32", ["sae.aux_coefficient=0.03125"]),

@@ -132,14 +132,21 @@ def test_the_model_config_sets_the_rule_where_it_measured_massive_activations():
 def test_the_rule_keeps_the_hashes_of_the_committed_runs():
     """A run the rule does not touch keeps its hash (the model block is not hashed, only the
     resolved data.max_norm_multiple), and a run it touches has the hash of the same run with
-    the multiple set by hand: the folders of results/reference/paper_cpu (layer 6) and
-    results/reference/paper_cpu_maxnorm (layers 14 and 22, run with data.max_norm_multiple=10)."""
+    the multiple set by hand: the folders of results/reference/paper_cpu_round1 (layer 6, run
+    before the rule) and results/reference/paper_cpu_maxnorm (layers 14 and 22, run with
+    data.max_norm_multiple=10); and the three-seed grid of results/reference/paper_cpu, run with
+    the rule as the default, names its runs with today's hashes, touched or not."""
     # train.lr=0.004: Gated's recipe when those grids ran (round 1 of the tuning protocol)
     base = ["+experiment=paper_cpu", "sae=gated", "sparsity=l0_20", "seed=0", "train.lr=0.004"]
-    for folder, extra in (("paper_cpu", ["layer=early"]), ("paper_cpu", ["layer=early", "site=mlp"]),
+    for folder, extra in (("paper_cpu_round1", ["layer=early"]),
+                          ("paper_cpu_round1", ["layer=early", "site=mlp"]),
                           ("paper_cpu_maxnorm", ["layer=middle"])):  # fmt: skip
         name = identity.run_name(compose_config([*base, *extra]), "gated")
         assert (ROOT / "results" / "reference" / folder / "runs" / name / "result.json").is_file()
+    today = ["+experiment=paper_cpu", "sae=topk", "sparsity=l0_40", "seed=2"]
+    for extra in (["layer=early"], ["layer=middle"], ["layer=late", "site=mlp"]):
+        name = identity.run_name(compose_config([*today, *extra]), "topk")
+        assert (ROOT / "results" / "reference" / "paper_cpu" / "runs" / name / "result.json").is_file()
     by_hand = compose_config([*base, "layer=middle", "data.max_norm_multiple=10",
                               "~model.massive_activations"])  # fmt: skip
     assert identity.config_hash(by_hand) == identity.config_hash(
