@@ -44,6 +44,18 @@ BOOKKEEPING_NESTED = (("train", "checkpoint_every"), ("train", "log_every"), ("d
 # Nested keys whose whole effect is another key's resolved value: the model's massive-activation
 # rule acts only through data.max_norm_multiple (benchmark/massive.py), which is hashed.
 DERIVED_NESTED = (("model", "massive_activations"),)
+# Until 2026-12 every train config held JumpReLU's bandwidth and threshold_init
+# (train.jumprelu, read by conf/sae/jumprelu*.yaml), so every config hash, JumpReLU or not,
+# hashed that block. The values now belong to the SAE config (and a recipe's own to
+# conf/recipe/<train>_<sae>.yaml); the hashed view still carries the block each train recipe
+# held, so that every earlier hash, folder, cache entry and committed result keeps its name.
+# A train config not named here (a user's own, written after the move) hashes without it.
+FORMER_TRAIN_JUMPRELU: dict[str, dict[str, float]] = {
+    "paper": {"bandwidth": 0.001, "threshold_init": 0.001},
+    "none": {"bandwidth": 0.001, "threshold_init": 0.001},
+    "cpu": {"bandwidth": 0.03, "threshold_init": 0.05},
+    "smoke": {"bandwidth": 0.03, "threshold_init": 0.05},  # inherited from cpu
+}
 HASH_CHARS = 16
 # The Hydra config groups whose chosen option each result records (`choices`).
 CHOICE_GROUPS = ("model", "layer", "site", "sae", "sparsity", "data", "train", "eval")
@@ -63,6 +75,11 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     # Likewise data.max_norm_multiple (null: every token kept) hashes only when it is set.
     if isinstance(out.get("data"), dict) and out["data"].get("max_norm_multiple", 0) is None:
         del out["data"]["max_norm_multiple"]
+    train = out.get("train")
+    if isinstance(train, dict) and "jumprelu" not in train:  # a config saved before has it
+        former = FORMER_TRAIN_JUMPRELU.get(str(train.get("name")))
+        if former is not None:
+            train["jumprelu"] = dict(former)
     return out
 
 

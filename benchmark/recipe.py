@@ -22,11 +22,11 @@ from torch import Tensor
 from benchmark.errors import ConfigError
 from benchmark.fileio import atomic_write
 
-# Keys of a train config that are read by others, not by the trainer: the run's recipe name,
-# the dictionary size (benchmark.validate.dictionary_size) and per-architecture blocks that SAE
-# YAMLs interpolate (conf/sae/jumprelu.yaml reads ${train.jumprelu.*}). Any other key that is
-# not a TrainConfig field is a typo and fails in `TrainConfig.from_dict`.
-NON_TRAINER_KEYS: tuple[str, ...] = ("name", "width", "width_factor", "jumprelu")
+# Keys of a train config that are read by others, not by the trainer: the run's recipe name and
+# the dictionary size (benchmark.validate.dictionary_size). Any other key that is not a
+# TrainConfig field is a typo and fails in `TrainConfig.from_dict`. (An architecture's own
+# values belong to its SAE config, and a recipe's to conf/recipe/<train>_<sae>.yaml.)
+NON_TRAINER_KEYS: tuple[str, ...] = ("name", "width", "width_factor")
 
 
 # train.precision: the SAE's matmul precision. fp32: plain float32. tf32: float32 with TF32

@@ -16,7 +16,7 @@ from benchmark import identity
 from benchmark.errors import ConfigError
 from benchmark.results import read_result, write_result
 from benchmark.run import check_folder, record_failure
-from tests.helpers import CONF, compose_config
+from tests.helpers import CONF, ROOT, compose_config
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -120,3 +120,39 @@ def test_frequencies_are_measured_on_at_least_100k_held_out_tokens(preset):
     cfg = compose_config([f"+experiment={preset}"])
     assert cfg.eval.n_activation_tokens >= 100_000
     assert cfg.data.n_eval_tokens >= 8192  # the LM set: >= 64 windows (L0 within ~1%)
+
+
+# Hashes computed before JumpReLU's bandwidth and threshold_init moved from `train.jumprelu` to
+# the SAE and recipe configs (commit 684ce53's code): the move must not rename any folder.
+# The paper_cpu one names a committed record (results/reference/paper_cpu/runs/).
+HASHES_BEFORE_THE_MOVE = {
+    "train=cpu sae=jumprelu sparsity=l0_40": ("5222ea6da8a55f1f", "b245b52755708327"),
+    "train=cpu sae=gated sparsity=l0_40": ("51ab238290d9c4f8", "286b5707085bafbb"),
+    "train=paper sae=jumprelu sparsity=l0_40": ("d7ff13955046bb81", "a53a389ba916f1b7"),
+    "train=paper sae=topk sparsity=l0_40": ("2c09852b95e897fa", "d8cc52dbc6a4327f"),
+    "train=smoke sae=jumprelu_tanh sparsity=l0_40": ("de30c8d3062510f2", "0b060a6bdf4ffc99"),
+    "train=cpu sae=jumprelu_target_l0 sparsity=l0_40": ("5dd24c1ef30f15a0", "a57db81900462a74"),
+    "+experiment=paper_cpu sae=jumprelu layer=middle seed=2": ("9d48b42078d7de36",
+                                                               "cca844910bd9f927"),
+    "sae=jumprelu sae.bandwidth=0.01": ("6fb327c72ebffcc7", "46f3b0eb2292f968"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", sorted(HASHES_BEFORE_THE_MOVE))
+def test_moving_jumprelus_values_out_of_train_kept_every_hash(overrides):
+    cfg = compose_config(overrides.split())
+    assert (identity.config_hash(cfg), identity.curve_hash(cfg)) == HASHES_BEFORE_THE_MOVE[overrides]
+    assert "jumprelu" not in cfg.train  # the composed config no longer has the block ...
+    assert identity.identity_dict(cfg)["train"]["jumprelu"]  # ... its hashed view still does
+
+
+def test_a_config_saved_before_the_move_is_the_same_run(tmp_path):
+    """A run folder written before the move (its config.yaml has train.jumprelu) is found and
+    skipped by today's composition of the same run, not refused as another config."""
+    record = ROOT / "results" / "reference" / "paper_cpu" / "runs" / (
+        "residual-L14_jumprelu_l0_40_s2_9d48b420")  # fmt: skip
+    saved = OmegaConf.load(record / "config.yaml")
+    assert saved.train.jumprelu.bandwidth == 0.03
+    cfg = compose_config("+experiment=paper_cpu sae=jumprelu layer=middle seed=2".split())
+    assert identity.identity_dict(saved) == identity.identity_dict(cfg)
+    assert identity.config_hash(saved) == "9d48b42078d7de36"

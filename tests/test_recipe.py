@@ -25,20 +25,35 @@ def test_every_recipe_names_a_train_and_an_sae_and_sets_only_their_keys(path) ->
     assert (CONF / "train" / f"{train}.yaml").exists() and (CONF / "sae" / f"{sae}.yaml").exists()
     recipe = OmegaConf.load(path)
     assert set(recipe.keys()) <= {"train", "sae"} and len(recipe) > 0
-    assert set(recipe.get("train", {}).keys()) <= FIELDS | {"jumprelu"}
+    assert set(recipe.get("train", {}).keys()) <= FIELDS
     assert set(recipe.get("sae", {}).keys()) <= set(OmegaConf.load(CONF / "sae" / f"{sae}.yaml"))
 
 
 def test_a_recipe_applies_to_its_architecture_on_its_train_only() -> None:
-    base = compose_config(["sae=relu"]).train.lr  # no recipe: train/cpu.yaml's value
-    assert base == pytest.approx(1.0e-3)
     for path in RECIPES:
         train, sae = path.stem.split("_", 1)
-        want = OmegaConf.load(path).get("train", {}).get("lr", base)
-        assert compose_config([f"train={train}", f"sae={sae}"]).train.lr == want
-        assert compose_config(["+experiment=quickstart", f"sae={sae}"]).train.lr == want
-        assert compose_config(["train=paper", f"sae={sae}"]).train.lr == pytest.approx(7e-5)
+        recipe = OmegaConf.load(path)
+        base = compose_config([f"train={train}", "sae=relu"])  # no recipe: the train's own values
+        want = recipe.get("train", {}).get("lr", base.train.lr)
+        cfg = compose_config([f"train={train}", f"sae={sae}"])
+        assert cfg.train.lr == want, path.stem
+        for key, value in recipe.get("sae", {}).items():
+            assert cfg.sae[key] == value, (path.stem, key)
+        if train == "cpu":
+            assert compose_config(["+experiment=quickstart", f"sae={sae}"]).train.lr == want
+        paper = compose_config(["train=paper", f"sae={sae}"])  # no paper_* recipe: the paper's
+        assert paper.train.lr == pytest.approx(7e-5)
+        for key in recipe.get("sae", {}):
+            assert paper.sae[key] == OmegaConf.load(CONF / "sae" / f"{sae}.yaml")[key], key
         assert compose_config([f"sae={sae}", "train.lr=0.0123"]).train.lr == 0.0123  # CLI wins
+    assert compose_config(["sae=relu"]).train.lr == pytest.approx(1.0e-3)  # train/cpu.yaml's
+
+
+def test_no_sae_config_reads_the_trainers() -> None:
+    """An architecture's values live in its SAE config (a recipe's in conf/recipe/), never in
+    `train`: no conf/sae/*.yaml interpolates ${train.*}."""
+    for path in sorted((CONF / "sae").glob("*.yaml")):
+        assert "${train." not in path.read_text(), path.name
 
 
 def test_the_cpu_recipes_are_the_tuning_protocols_choice() -> None:
