@@ -208,8 +208,11 @@ def test_param_lr_scale_puts_a_parameter_in_its_own_group():
 
 def test_from_dict_rejects_an_unknown_key_naming_it_and_the_valid_keys():
     d = {"n_tokens": 1024, "batch_size": 256, "lr": 1e-3, "name": "cpu", "width": None,
-         "width_factor": 8, "jumprelu": {"bandwidth": 0.03, "threshold_init": 0.05}}  # fmt: skip
+         "width_factor": 8}  # fmt: skip
     assert set(NON_TRAINER_KEYS) <= set(d) and TrainConfig.from_dict(d).lr == 1e-3
+    # JumpReLU's values belong to its SAE config now: a train block of them is a stray key
+    with pytest.raises(ConfigError, match=r"train\.jumprelu\b"):
+        TrainConfig.from_dict({**d, "jumprelu": {"bandwidth": 0.03, "threshold_init": 0.05}})
     with pytest.raises(ConfigError, match=r"train\.dead_window_token\b") as err:
         TrainConfig.from_dict({**d, "dead_window_token": 5000})  # typo: silently ignored before
     assert "valid keys:" in str(err.value)
