@@ -33,8 +33,8 @@ def test_a_recipe_applies_to_its_architecture_on_its_train_only() -> None:
     for path in RECIPES:
         train, sae = path.stem.split("_", 1)
         recipe = OmegaConf.load(path)
-        base = compose_config([f"train={train}", "sae=relu"])  # no recipe: the train's own values
-        want = recipe.get("train", {}).get("lr", base.train.lr)
+        base_lr = compose_config([f"train={train}", "sae=relu"]).train.lr  # no recipe: the train's
+        want = recipe.get("train", {}).get("lr", base_lr)
         cfg = compose_config([f"train={train}", f"sae={sae}"])
         assert cfg.train.lr == want, path.stem
         for key, value in recipe.get("sae", {}).items():
@@ -43,8 +43,9 @@ def test_a_recipe_applies_to_its_architecture_on_its_train_only() -> None:
             assert compose_config(["+experiment=quickstart", f"sae={sae}"]).train.lr == want
         paper = compose_config(["train=paper", f"sae={sae}"])  # no paper_* recipe: the paper's
         assert paper.train.lr == pytest.approx(7e-5)
+        own = OmegaConf.load(CONF / "sae" / f"{sae}.yaml")  # the SAE config's own values
         for key in recipe.get("sae", {}):
-            assert paper.sae[key] == OmegaConf.load(CONF / "sae" / f"{sae}.yaml")[key], key
+            assert paper.sae[key] == own[key], (path.stem, key)
         assert compose_config([f"sae={sae}", "train.lr=0.0123"]).train.lr == 0.0123  # CLI wins
     assert compose_config(["sae=relu"]).train.lr == pytest.approx(1.0e-3)  # train/cpu.yaml's
 
